@@ -1,0 +1,588 @@
+"""The `keras_bn.BatchNormalization` layer."""
+
+import numbers
+
+import keras
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+
+from keras_bn import _distribute
+from keras_bn import _moments
+
+_INFERENCE_STATISTICS = ("moving", "batch")
+_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+@keras.saving.register_keras_serializable(package="keras_bn")
+class BatchNormalization(keras.layers.Layer):
+    """Batch normalization with ghost batches, on every Keras backend.
+
+    A drop-in replacement for `keras.layers.BatchNormalization`: with the same
+    arguments it computes the same outputs, gradients and moving statistics,
+    and has the same weights, in the same order, under the same names, so
+    weights saved from one load into the other. On top of it:
+
+    - **Ghost batches** (`virtual_batch_size`): the training batch is split
+      into consecutive ghost batches of `virtual_batch_size` samples, each
+      normalized with its own statistics (Hoffer et al., 2017). A batch that
+      is not a multiple ends with a smaller ghost batch, also when the batch
+      dimension is only known at run time. The moving statistics are updated
+      once per step with the ghost batches' means and variances, each
+      weighted by its number of (unmasked) elements. Inference ignores
+      `virtual_batch_size`.
+    - **Several feature axes** (`axis` as a list), any rank from 2, channels
+      first or last; the parameters get the shape of those axes.
+    - **Masks on any layout**: the mask has the input's shape without the
+      feature axes; masked positions are left out of the statistics.
+    - **Prediction-time batch statistics** (`inference_statistics="batch"`,
+      Nado et al., 2020): inference normalizes each batch with its own
+      statistics, for inputs whose distribution has shifted.
+    - **Stable numerics** on every backend: statistics in float32 (float64
+      inputs stay float64) with a two-pass variance, never
+      `E[x^2] - E[x]^2`; a batch whose statistics are not finite for a
+      channel leaves that channel's moving statistics untouched.
+
+    During training (`training=True` and `trainable=True`) the layer returns
+    `gamma * (x - mean) / sqrt(variance + epsilon) + beta` with the mean and
+    variance of the batch (or ghost batch), and updates
+    `moving_mean = moving_mean * momentum + mean * (1 - momentum)` and
+    likewise `moving_variance`. In inference (`training=False` or `None`, or
+    a frozen layer with `trainable=False`) it uses the moving statistics and
+    changes nothing.
+
+    Args:
+        axis: Integer or list/tuple of integers, the feature axes that are
+            not normalized over (each gets its own statistics). Negative
+            values count from the end. Defaults to `-1`.
+        momentum: Float in `[0, 1]`, the momentum of the moving averages.
+            Defaults to `0.99`.
+        epsilon: Positive float added to the variance. Defaults to `1e-3`.
+        center: If `True`, add the learned offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by the learned scale `gamma`. Defaults to
+            `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        moving_mean_initializer: Initializer for the moving mean. Defaults
+            to `"zeros"`.
+        moving_variance_initializer: Initializer for the moving variance.
+            Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to
+            `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to
+            `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to
+            `None`.
+        synchronized: If `True`, the batch statistics cover the global batch
+            of all replicas of a `tf.distribute` strategy on TensorFlow. On
+            JAX, `keras.distribution` already computes them over the global
+            batch. On PyTorch, which has no Keras data-parallel path, it has
+            no effect in a single process and raises a `ValueError` in a
+            `torch.distributed` job of several processes. Ghost batches never
+            span replicas. Defaults to `False`.
+        renorm: If `True`, use Batch Renormalization (Ioffe, 2017): during
+            training the normalized values are corrected by `r` and `d` (per
+            ghost batch) towards the renorm moving statistics. Adds the
+            `moving_stddev`, `renorm_mean` and `renorm_stddev` weights.
+            Defaults to `False`.
+        renorm_clipping: Optional dict with keys among `"rmax"`, `"rmin"`,
+            `"dmax"`, clipping `r` to `[rmin, rmax]` and `d` to
+            `[-dmax, dmax]`. Missing keys do not clip. Defaults to `None`.
+        renorm_momentum: Float in `[0, 1]`, the momentum of the renorm moving
+            statistics. Defaults to `0.99`.
+        virtual_batch_size: Optional positive integer, the number of samples
+            per ghost batch in training. `None` normalizes over the whole
+            batch. Defaults to `None`.
+        inference_statistics: `"moving"` to normalize in inference with the
+            moving statistics, or `"batch"` to normalize each inference batch
+            with its own statistics (the moving statistics are then left
+            alone). Defaults to `"moving"`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: Input tensor of rank 2 or more.
+        training: Python boolean. `True` normalizes with the statistics of
+            the batch and updates the moving statistics; `False` or `None`
+            runs in inference mode.
+        mask: Optional boolean tensor with the input's shape without the
+            feature axes. `False` positions are left out of the statistics.
+
+    Example:
+
+    >>> layer = keras_bn.BatchNormalization(virtual_batch_size=32)
+    >>> x = np.random.normal(size=(100, 8)).astype("float32")
+    >>> y = layer(x, training=True)  # ghost batches of 32, 32, 32 and 4
+
+    Reference:
+        - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167)
+        - [Hoffer et al., 2017](https://arxiv.org/abs/1705.08741)
+        - [Ioffe, 2017](https://arxiv.org/abs/1702.03275)
+        - [Nado et al., 2020](https://arxiv.org/abs/2006.10963)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        virtual_batch_size=None,
+        inference_statistics="moving",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = _standardize_axis(axis)
+        self.momentum = _unit_interval("momentum", momentum)
+        self.epsilon = float(epsilon)
+        if not self.epsilon > 0:
+            raise ValueError(
+                f"`epsilon` must be positive. Received: epsilon={epsilon}"
+            )
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.synchronized = bool(synchronized)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = _standardize_renorm_clipping(renorm_clipping)
+        self.renorm_momentum = _unit_interval(
+            "renorm_momentum", renorm_momentum
+        )
+        self.virtual_batch_size = _standardize_virtual_batch_size(
+            virtual_batch_size
+        )
+        if inference_statistics not in _INFERENCE_STATISTICS:
+            raise ValueError(
+                "`inference_statistics` must be one of "
+                f"{_INFERENCE_STATISTICS}. Received: "
+                f"inference_statistics={inference_statistics!r}"
+            )
+        self.inference_statistics = inference_statistics
+        self.supports_masking = True
+
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        self._feature_axes = _feature_axes(self.axis, ndim)
+        if self.virtual_batch_size is not None and 0 in self._feature_axes:
+            raise ValueError(
+                "`axis` cannot include the batch axis 0 when "
+                "`virtual_batch_size` is set: ghost batches split that axis. "
+                f"Received: axis={self.axis}, "
+                f"virtual_batch_size={self.virtual_batch_size}"
+            )
+        for axis in self._feature_axes:
+            if input_shape[axis] is None:
+                raise ValueError(
+                    "The feature axes of the input must have a known size. "
+                    f"Received: axis={self.axis}, "
+                    f"input_shape={tuple(input_shape)}"
+                )
+        self._reduction_axes = [
+            axis for axis in range(ndim) if axis not in self._feature_axes
+        ]
+        self._broadcast_shape = [
+            input_shape[axis] if axis in self._feature_axes else 1
+            for axis in range(ndim)
+        ]
+        shape = tuple(input_shape[axis] for axis in self._feature_axes)
+
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=shape,
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape,
+            name="moving_variance",
+            initializer=self.moving_variance_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        if self.renorm:
+            # Renorm tracks the standard deviation, as in the paper and in
+            # Keras: these weights, names and order match Keras's layer.
+            stddev_initializer = _sqrt_initializer(
+                self.moving_variance_initializer
+            )
+            self.moving_stddev = self.add_weight(
+                shape=shape,
+                name="moving_stddev",
+                initializer=stddev_initializer,
+                trainable=False,
+                autocast=False,
+            )
+            self.renorm_mean = self.add_weight(
+                shape=shape,
+                name="renorm_mean",
+                initializer=self.moving_mean_initializer,
+                trainable=False,
+                autocast=False,
+            )
+            self.renorm_stddev = self.add_weight(
+                shape=shape,
+                name="renorm_stddev",
+                initializer=stddev_initializer,
+                trainable=False,
+                autocast=False,
+            )
+        self.input_spec = keras.layers.InputSpec(
+            ndim=ndim,
+            axes={axis: input_shape[axis] for axis in self._feature_axes},
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs, training=None, mask=None):
+        mask = self._standardize_mask(mask, inputs)
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        # 16-bit floats overflow and lose precision in the statistics: they
+        # are computed in float32 and the output cast back.
+        inputs = ops.cast(inputs, compute_dtype)
+
+        if training and self.trainable:
+            outputs = self._train(inputs, mask)
+        else:
+            if self.inference_statistics == "batch":
+                stats = _moments.moments(inputs, self._reduction_axes, mask)
+                mean, variance = stats.mean, stats.variance
+            else:
+                mean = self._broadcast(self.moving_mean, compute_dtype)
+                variance = self._broadcast(self.moving_variance, compute_dtype)
+            outputs = self._normalize(inputs, mean, variance)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _train(self, inputs, mask):
+        virtual_batch_size = self.virtual_batch_size
+        batch = inputs.shape[0]
+        if virtual_batch_size is not None and batch is not None:
+            if batch <= virtual_batch_size:
+                # One ghost batch is plain batch norm, which costs less.
+                virtual_batch_size = None
+        stats = _moments.moments(
+            inputs,
+            self._reduction_axes,
+            mask,
+            virtual_batch_size=virtual_batch_size,
+            batch_sum=_distribute.replica_sum_fn(self.synchronized),
+        )
+        if not self.renorm:
+            self._update_moving_statistics(
+                stats.batch_mean, stats.batch_variance, stats.count
+            )
+            return self._normalize(inputs, stats.mean, stats.variance)
+
+        dtype = inputs.dtype
+        renorm_mean = self._broadcast(self.renorm_mean, dtype)
+        # The floor avoids dividing by zero early in training, as in Keras.
+        renorm_stddev = ops.maximum(
+            self._broadcast(self.renorm_stddev, dtype),
+            ops.sqrt(ops.cast(self.epsilon, dtype)),
+        )
+        stddev = ops.sqrt(stats.variance + self.epsilon)
+        r = stddev / renorm_stddev
+        d = (stats.mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        rmin = clipping.get("rmin")
+        rmax = clipping.get("rmax")
+        dmax = clipping.get("dmax")
+        if rmin is not None:
+            r = ops.maximum(r, rmin)
+        if rmax is not None:
+            r = ops.minimum(r, rmax)
+        if dmax is not None:
+            d = ops.clip(d, -dmax, dmax)
+        # The corrections are constants for the gradient (the paper's
+        # stop_gradient); their variables update after they are read.
+        r = ops.stop_gradient(r)
+        d = ops.stop_gradient(d)
+        self._update_renorm_statistics(
+            stats.batch_mean, stats.batch_variance, stats.count
+        )
+        return self._normalize(
+            inputs, stats.mean, stats.variance, correction=(r, d)
+        )
+
+    def _normalize(self, inputs, mean, variance, correction=None):
+        dtype = inputs.dtype
+        multiplier = ops.rsqrt(variance + ops.cast(self.epsilon, dtype))
+        offset = None
+        if correction is not None:
+            r, d = correction
+            multiplier = multiplier * r
+            offset = d
+        if self.scale:
+            gamma = self._broadcast(self.gamma, dtype)
+            multiplier = multiplier * gamma
+            offset = None if offset is None else offset * gamma
+        if self.center:
+            beta = self._broadcast(self.beta, dtype)
+            offset = beta if offset is None else offset + beta
+        # (x - mean) * multiplier rather than x * multiplier - mean *
+        # multiplier: the latter cancels catastrophically on large offsets.
+        outputs = (inputs - mean) * multiplier
+        return outputs if offset is None else outputs + offset
+
+    def _update_moving_statistics(self, mean, variance, count):
+        keep = _no_data(mean, variance, count)
+        self._assign_average(self.moving_mean, mean, self.momentum, keep)
+        self._assign_average(
+            self.moving_variance, variance, self.momentum, keep
+        )
+
+    def _update_renorm_statistics(self, mean, variance, count):
+        keep = _no_data(mean, variance, count)
+        stddev = ops.sqrt(variance + self.epsilon)
+        self._assign_average(self.renorm_mean, mean, self.renorm_momentum, keep)
+        self._assign_average(
+            self.renorm_stddev, stddev, self.renorm_momentum, keep
+        )
+        self._assign_average(self.moving_mean, mean, self.momentum, keep)
+        moving_stddev = self._assign_average(
+            self.moving_stddev, stddev, self.momentum, keep
+        )
+        # The relu guards against rounding below zero, as in Keras.
+        self.moving_variance.assign(
+            ops.cast(
+                ops.relu(moving_stddev * moving_stddev - self.epsilon),
+                self.moving_variance.dtype,
+            )
+        )
+
+    def _assign_average(self, variable, value, momentum, keep):
+        """`variable = variable * momentum + value * (1 - momentum)`, except
+        where `keep`; returns the new value."""
+        value = ops.reshape(value, variable.shape)
+        old = ops.cast(variable, value.dtype)
+        new = old * momentum + value * (1.0 - momentum)
+        new = ops.where(ops.reshape(keep, variable.shape), old, new)
+        variable.assign(ops.cast(new, variable.dtype))
+        return new
+
+    def _broadcast(self, weight, dtype):
+        """A weight cast to `dtype` and shaped to broadcast with the input."""
+        return ops.reshape(ops.cast(weight, dtype), self._broadcast_shape)
+
+    def _standardize_mask(self, mask, inputs):
+        """Checks a mask against the input and gives it size 1 on the
+        feature axes."""
+        if mask is None:
+            return None
+        expected = [
+            size
+            for axis, size in enumerate(inputs.shape)
+            if axis not in self._feature_axes
+        ]
+        received = list(mask.shape)
+        if len(received) != len(expected) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(received, expected)
+        ):
+            raise ValueError(
+                "`mask` must have the input's shape without the feature axes "
+                f"(axis={self.axis}), i.e. {tuple(expected)}. Received: "
+                f"mask.shape={tuple(received)}, "
+                f"inputs.shape={tuple(inputs.shape)}"
+            )
+        mask = ops.cast(mask, "bool")
+        for axis in self._feature_axes:
+            mask = ops.expand_dims(mask, axis)
+        return mask
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": (
+                None
+                if self.renorm_clipping is None
+                else dict(self.renorm_clipping)
+            ),
+            "renorm_momentum": self.renorm_momentum,
+            "virtual_batch_size": self.virtual_batch_size,
+            "inference_statistics": self.inference_statistics,
+        }
+        return {**super().get_config(), **config}
+
+
+def _no_data(mean, variance, count):
+    """Where the moving statistics must be kept: channels with no unmasked
+    element, or with non-finite statistics (NaN or inf in the batch)."""
+    finite = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
+    return ops.logical_not(ops.logical_and(finite, count > 0))
+
+
+def _sqrt_initializer(initializer):
+    def initialize(shape, dtype=None):
+        return ops.sqrt(initializer(shape, dtype=dtype))
+
+    return initialize
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _standardize_axis(axis):
+    if _is_int(axis):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(map(_is_int, axis)):
+        axis = [int(a) for a in axis]
+        if len(set(axis)) != len(axis):
+            raise ValueError(
+                f"`axis` must not repeat an axis. Received: axis={axis}"
+            )
+        return axis
+    raise ValueError(
+        "`axis` must be an integer or a non-empty list/tuple of integers. "
+        f"Received: axis={axis!r}"
+    )
+
+
+def _feature_axes(axis, ndim):
+    """The feature axes as sorted non-negative positions in an input of rank
+    `ndim`."""
+    axes = [axis] if isinstance(axis, int) else axis
+    if ndim < 2:
+        raise ValueError(
+            "The input must have rank 2 or more (a batch axis and a feature "
+            f"axis). Received: input rank {ndim}"
+        )
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`axis` is out of range for an input of rank {ndim}. "
+                f"Received: axis={axis}"
+            )
+    positions = sorted(a % ndim for a in axes)
+    if len(set(positions)) != len(positions):
+        raise ValueError(
+            f"`axis` names the same axis twice for an input of rank {ndim}. "
+            f"Received: axis={axis}"
+        )
+    return positions
+
+
+def _unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"`{name}` must be a float in [0, 1]. Received: {name}={value!r}"
+        )
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1]. Received: {name}={value}"
+        )
+    return float(value)
+
+
+def _standardize_virtual_batch_size(value):
+    if value is None:
+        return None
+    if not _is_int(value) or value <= 0:
+        raise ValueError(
+            "`virtual_batch_size` must be a positive integer or None. "
+            f"Received: virtual_batch_size={value!r}"
+        )
+    return int(value)
+
+
+def _standardize_renorm_clipping(clipping):
+    if clipping is None:
+        return None
+    if not isinstance(clipping, dict):
+        raise ValueError(
+            "`renorm_clipping` must be a dict with keys among "
+            f"{_RENORM_CLIPPING_KEYS}. Received: renorm_clipping={clipping!r}"
+        )
+    unknown = set(clipping) - set(_RENORM_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(
+            f"`renorm_clipping` has unknown keys {sorted(unknown)}; the "
+            f"supported keys are {_RENORM_CLIPPING_KEYS}. Received: "
+            f"renorm_clipping={clipping}"
+        )
+    clipping = {
+        key: None if value is None else float(value)
+        for key, value in clipping.items()
+    }
+    rmin, rmax, dmax = (
+        clipping.get(key) for key in ("rmin", "rmax", "dmax")
+    )
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(
+            "`renorm_clipping` must have rmax >= rmin. Received: "
+            f"renorm_clipping={clipping}"
+        )
+    if dmax is not None and dmax < 0:
+        raise ValueError(
+            "`renorm_clipping` must have dmax >= 0. Received: "
+            f"renorm_clipping={clipping}"
+        )
+    return clipping
