@@ -285,9 +285,13 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         mask = self._standardize_mask(mask, inputs)
-        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
         # 16-bit floats overflow and lose precision in the statistics: they
-        # are computed in float32 and the output cast back.
+        # are computed in float32 and the output cast back. float64 stays
+        # float64 (Keras's own promotion would turn it into float32).
+        if keras.backend.standardize_dtype(inputs.dtype) == "float64":
+            compute_dtype = "float64"
+        else:
+            compute_dtype = "float32"
         inputs = ops.cast(inputs, compute_dtype)
 
         if training and self.trainable:

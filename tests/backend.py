@@ -1,0 +1,56 @@
+"""What the tests need from the backend itself: gradients and compilation.
+
+Each branch runs on its own backend, in that backend's pytest process.
+"""
+
+import keras
+import numpy as np
+
+
+def to_numpy(value):
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def value_and_gradients(fn, *args):
+    """The value of the scalar function `fn(*args)` and its gradient with
+    respect to each argument, as NumPy arrays."""
+    backend = keras.backend.backend()
+    args = [keras.ops.convert_to_tensor(arg) for arg in args]
+    if backend == "jax":
+        import jax
+
+        value, gradients = jax.value_and_grad(
+            fn, argnums=tuple(range(len(args)))
+        )(*args)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            value = fn(*args)
+        gradients = tape.gradient(value, args)
+    elif backend == "torch":
+        args = [arg.detach().requires_grad_(True) for arg in args]
+        value = fn(*args)
+        value.backward()
+        value = value.detach()
+        gradients = [arg.grad for arg in args]
+    else:
+        raise NotImplementedError(backend)
+    return to_numpy(value), [to_numpy(gradient) for gradient in gradients]
+
+
+def compile_with_dynamic_batch(fn, example):
+    """`fn` compiled as the backend compiles a training step, with the batch
+    dimension left unknown where the backend allows it."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        spec = tf.TensorSpec((None,) + tuple(example.shape[1:]), "float32")
+        return tf.function(fn, input_signature=[spec], jit_compile=False)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn

@@ -1,0 +1,147 @@
+"""A float64 NumPy reference for batch normalization with ghost batches.
+
+Written from the definitions, one ghost batch at a time, and independently of
+the package's vectorized code.
+"""
+
+import numpy as np
+
+
+def _feature_axes(axis, ndim):
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    return sorted(a % ndim for a in axes)
+
+
+def _param(value, x, features, fill):
+    """A parameter of the feature axes' shape, shaped to broadcast with x."""
+    shape = [x.shape[a] if a in features else 1 for a in range(x.ndim)]
+    if value is None:
+        return np.full(shape, fill)
+    value = np.asarray(value, np.float64)
+    return np.broadcast_to(value, [x.shape[a] for a in features]).reshape(shape)
+
+
+def _group_moments(x, mask, reduce):
+    """Two-pass mean and variance of x over `reduce`, counting only the
+    positions where mask is True (mask has size 1 on the feature axes)."""
+    weights = np.broadcast_to(mask, x.shape).astype(np.float64)
+    count = weights.sum(axis=reduce, keepdims=True)
+    safe = np.maximum(count, 1.0)
+    mean = np.where(weights > 0, x, 0.0).sum(axis=reduce, keepdims=True) / safe
+    deviation = np.where(weights > 0, x - mean, 0.0)
+    variance = (deviation**2).sum(axis=reduce, keepdims=True) / safe
+    return mean, variance, count
+
+
+def batch_norm(
+    x,
+    axis=-1,
+    mask=None,
+    virtual_batch_size=None,
+    gamma=None,
+    beta=None,
+    epsilon=1e-3,
+    renorm=None,
+):
+    """Training-mode batch norm in float64.
+
+    Args:
+        x: Input array.
+        axis: Feature axis or axes.
+        mask: Boolean array with x's shape without the feature axes.
+        virtual_batch_size: Ghost batch size; None for the whole batch.
+        gamma, beta: Parameters of the feature axes' shape.
+        epsilon: Variance epsilon.
+        renorm: Optional dict with `mean`, `stddev` (the renorm moving
+            statistics before the step) and optional `rmin`, `rmax`, `dmax`.
+            With `corrections`, a list of `(r, d)` per ghost batch as
+            returned by an earlier call, those are used instead: the layer
+            treats them as constants for the gradient.
+
+    Returns:
+        A dict with `outputs`, the renorm `corrections`, and the
+        count-weighted averages over ghost batches `mean`, `variance`, and
+        `count`, of the feature axes' shape.
+    """
+    x = np.asarray(x, np.float64)
+    features = _feature_axes(axis, x.ndim)
+    reduce = tuple(a for a in range(x.ndim) if a not in features)
+    if mask is None:
+        mask = np.ones([x.shape[a] for a in reduce], bool)
+    mask = np.expand_dims(np.asarray(mask, bool), features)
+    gamma = _param(gamma, x, features, 1.0)
+    beta = _param(beta, x, features, 0.0)
+    batch = x.shape[0]
+    size = virtual_batch_size or batch
+
+    outputs = np.empty_like(x)
+    corrections = []
+    total_mean = 0.0
+    total_variance = 0.0
+    total_count = 0.0
+    for start in range(0, batch, size):
+        rows = slice(start, min(start + size, batch))
+        mean, variance, count = _group_moments(x[rows], mask[rows], reduce)
+        stddev = np.sqrt(variance + epsilon)
+        normalized = (x[rows] - mean) / stddev
+        if renorm is not None:
+            moving_stddev = np.maximum(
+                _param(renorm["stddev"], x, features, 1.0), np.sqrt(epsilon)
+            )
+            r = stddev / moving_stddev
+            d = (mean - _param(renorm["mean"], x, features, 0.0)) / (
+                moving_stddev
+            )
+            r = np.clip(r, renorm.get("rmin"), renorm.get("rmax"))
+            dmax = renorm.get("dmax")
+            if dmax is not None:
+                d = np.clip(d, -dmax, dmax)
+            if "corrections" in renorm:
+                r, d = renorm["corrections"][len(corrections)]
+            corrections.append((r, d))
+            normalized = normalized * r + d
+        outputs[rows] = normalized * gamma + beta
+        total_mean = total_mean + mean * count
+        total_variance = total_variance + variance * count
+        total_count = total_count + count
+
+    safe = np.maximum(total_count, 1.0)
+    param_shape = [x.shape[a] for a in features]
+    shape = np.shape(total_mean)
+    return {
+        "outputs": outputs,
+        "corrections": corrections,
+        "mean": (total_mean / safe).reshape(param_shape),
+        "variance": (total_variance / safe).reshape(param_shape),
+        "count": np.broadcast_to(total_count, shape).reshape(param_shape),
+    }
+
+
+def inference(x, mean, variance, axis=-1, gamma=None, beta=None, epsilon=1e-3):
+    """Inference-mode batch norm with given statistics, in float64."""
+    x = np.asarray(x, np.float64)
+    features = _feature_axes(axis, x.ndim)
+    mean = _param(mean, x, features, 0.0)
+    variance = _param(variance, x, features, 1.0)
+    gamma = _param(gamma, x, features, 1.0)
+    beta = _param(beta, x, features, 0.0)
+    return (x - mean) / np.sqrt(variance + epsilon) * gamma + beta
+
+
+def moving_average(moving, value, momentum):
+    return np.asarray(moving) * momentum + np.asarray(value) * (1 - momentum)
+
+
+def numerical_gradient(fn, x, delta=1e-6):
+    """Central finite differences of the scalar function fn at x (float64)."""
+    x = np.array(x, np.float64)
+    gradient = np.empty_like(x)
+    for index in np.ndindex(*x.shape):
+        saved = x[index]
+        x[index] = saved + delta
+        plus = fn(x)
+        x[index] = saved - delta
+        minus = fn(x)
+        x[index] = saved
+        gradient[index] = (plus - minus) / (2 * delta)
+    return gradient

@@ -1,0 +1,1070 @@
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_bn
+from tests import reference
+from tests.backend import compile_with_dynamic_batch
+from tests.backend import to_numpy
+from tests.backend import value_and_gradients
+from tests.harness import run_layer_test
+
+BACKEND = keras.backend.backend()
+RTOL = 1e-5
+ATOL = 1e-5
+
+
+def _normal(shape, seed=0, loc=0.0, scale=1.0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return (loc + scale * rng.normal(size=shape)).astype(dtype)
+
+
+def _random_parameters(layer, seed=1):
+    """Non-trivial gamma and beta, so that tests see them."""
+    rng = np.random.default_rng(seed)
+    for weight in layer.trainable_weights:
+        weight.assign(rng.uniform(0.5, 1.5, weight.shape).astype("float32"))
+
+
+def _parameters(layer):
+    gamma = to_numpy(layer.gamma) if layer.scale else None
+    beta = to_numpy(layer.beta) if layer.center else None
+    return gamma, beta
+
+
+# ---------------------------------------------------------------------------
+# The layer contract.
+
+HARNESS_CASES = {
+    "defaults": ({}, (8, 3), 2, 2, None),
+    "ghost_ragged": ({"virtual_batch_size": 3}, (8, 3), 2, 2, None),
+    "channels_first": ({"axis": 1}, (4, 3, 5, 5), 2, 2, None),
+    "several_axes": ({"axis": [1, 3]}, (4, 3, 5, 2), 2, 2, None),
+    "renorm": ({"renorm": True}, (8, 3), 2, 5, None),
+    "no_scale_no_center": ({"center": False, "scale": False}, (8, 3), 0, 2, None),
+    "masked_sequence": ({"virtual_batch_size": 3}, (8, 5, 3), 2, 2, (8, 5)),
+    "batch_inference": ({"inference_statistics": "batch"}, (8, 3), 2, 2, None),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,trainable,non_trainable,mask_shape",
+    list(HARNESS_CASES.values()),
+    ids=list(HARNESS_CASES),
+)
+def test_layer_contract(
+    kwargs, shape, trainable, non_trainable, mask_shape, tmp_path
+):
+    if kwargs.get("center") is False:
+        # Nothing to train and a mean-squared loss: only the moving statistics
+        # move, so build a harness case with no trainable weights to check.
+        pytest.skip("covered by test_no_scale_no_center")
+    run_layer_test(
+        keras_bn.BatchNormalization,
+        kwargs,
+        shape,
+        trainable,
+        non_trainable,
+        tmp_path,
+        mask_shape=mask_shape,
+    )
+
+
+def test_no_scale_no_center():
+    layer = keras_bn.BatchNormalization(center=False, scale=False)
+    x = _normal((8, 3), loc=2.0, scale=3.0)
+    outputs = layer(x, training=True)
+    expected = reference.batch_norm(x, epsilon=1e-3)["outputs"]
+    np.testing.assert_allclose(to_numpy(outputs), expected, rtol=RTOL, atol=ATOL)
+    assert layer.trainable_weights == []
+    assert [w.name for w in layer.weights] == ["moving_mean", "moving_variance"]
+
+
+# ---------------------------------------------------------------------------
+# Drop-in parity with keras.layers.BatchNormalization.
+
+PARITY_CASES = {
+    "dense": ({}, (16, 6)),
+    "momentum_epsilon": ({"momentum": 0.5, "epsilon": 1e-5}, (16, 6)),
+    "no_center": ({"center": False}, (16, 6)),
+    "no_scale": ({"scale": False}, (16, 6)),
+    "sequence": ({"momentum": 0.9}, (8, 5, 4)),
+    "channels_last": ({"momentum": 0.9}, (8, 4, 4, 3)),
+    "channels_first": ({"axis": 1, "momentum": 0.9}, (8, 3, 4, 4)),
+    "middle_axis": ({"axis": -2, "momentum": 0.9}, (8, 3, 5)),
+    "renorm": (
+        {"renorm": True, "momentum": 0.8, "renorm_momentum": 0.7},
+        (16, 6),
+    ),
+    "renorm_clipping": (
+        {
+            "renorm": True,
+            "momentum": 0.8,
+            "renorm_momentum": 0.7,
+            "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
+        },
+        (8, 4, 3),
+    ),
+}
+PARITY = pytest.mark.parametrize(
+    "kwargs,shape", list(PARITY_CASES.values()), ids=list(PARITY_CASES)
+)
+
+
+def _twin_layers(kwargs, shape):
+    ours = keras_bn.BatchNormalization(**kwargs)
+    theirs = keras.layers.BatchNormalization(**kwargs)
+    ours.build(shape)
+    theirs.build(shape)
+    _random_parameters(theirs)
+    ours.set_weights(theirs.get_weights())
+    return ours, theirs
+
+
+@PARITY
+def test_parity_weights(kwargs, shape):
+    ours, theirs = _twin_layers(kwargs, shape)
+    assert [w.name for w in ours.weights] == [w.name for w in theirs.weights]
+    assert [w.path.split("/")[-1] for w in ours.weights] == [
+        w.path.split("/")[-1] for w in theirs.weights
+    ]
+    assert [tuple(w.shape) for w in ours.weights] == [
+        tuple(w.shape) for w in theirs.weights
+    ]
+    assert [w.trainable for w in ours.weights] == [
+        w.trainable for w in theirs.weights
+    ]
+    for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_array_equal(mine, keras_weight)
+    # And the other way round.
+    ours.set_weights([w + 1.0 for w in ours.get_weights()])
+    theirs.set_weights(ours.get_weights())
+    for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_array_equal(mine, keras_weight)
+
+
+@PARITY
+def test_parity_steps(kwargs, shape):
+    """Outputs in training and inference, and the moving statistics, over
+    several training steps on batches of different statistics."""
+    ours, theirs = _twin_layers(kwargs, shape)
+    for step in range(4):
+        x = _normal(shape, seed=step, loc=step - 1.0, scale=1.0 + step)
+        np.testing.assert_allclose(
+            to_numpy(ours(x, training=True)),
+            to_numpy(theirs(x, training=True)),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        for mine, keras_weight in zip(ours.weights, theirs.weights):
+            np.testing.assert_allclose(
+                to_numpy(mine),
+                to_numpy(keras_weight),
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=mine.name,
+            )
+        for training in (False, None):
+            np.testing.assert_allclose(
+                to_numpy(ours(x, training=training)),
+                to_numpy(theirs(x, training=training)),
+                rtol=RTOL,
+                atol=ATOL,
+            )
+
+
+@PARITY
+def test_parity_gradients(kwargs, shape):
+    ours, theirs = _twin_layers(kwargs, shape)
+    x = _normal(shape, loc=0.5, scale=2.0)
+    upstream = _normal(shape, seed=7)
+
+    def gradients(layer):
+        non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
+
+        def loss(x, *trainable):
+            y, _ = layer.stateless_call(
+                list(trainable), non_trainable, x, training=True
+            )
+            return ops.sum(ops.multiply(y, upstream))
+
+        trainable = [ops.copy(w) for w in layer.trainable_variables]
+        return value_and_gradients(loss, x, *trainable)
+
+    (value, grads), (keras_value, keras_grads) = (
+        gradients(ours),
+        gradients(theirs),
+    )
+    np.testing.assert_allclose(value, keras_value, rtol=RTOL, atol=1e-4)
+    assert len(grads) == len(keras_grads)
+    for mine, keras_grad in zip(grads, keras_grads):
+        np.testing.assert_allclose(mine, keras_grad, rtol=RTOL, atol=ATOL)
+
+
+def _small_model(bn_factory, shape, seed=3):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape[1:])
+    hidden = keras.layers.Dense(5)(inputs)
+    hidden = bn_factory()(hidden)
+    hidden = keras.layers.Activation("relu")(hidden)
+    hidden = bn_factory(name="second_bn")(hidden)
+    outputs = keras.layers.Dense(2)(hidden)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"renorm": True, "momentum": 0.7}, {"momentum": 0.5, "center": False}],
+    ids=["plain", "renorm", "no_center"],
+)
+def test_parity_fit(kwargs):
+    """Several `fit` steps from the same weights end with the same weights
+    and moving statistics (this also checks the gradients end to end)."""
+    shape = (48, 4)
+    ours = _small_model(
+        lambda **kw: keras_bn.BatchNormalization(**kwargs, **kw), shape
+    )
+    theirs = _small_model(
+        lambda **kw: keras.layers.BatchNormalization(**kwargs, **kw), shape
+    )
+    ours.set_weights(theirs.get_weights())
+    x = _normal(shape, loc=3.0, scale=2.0)
+    y = _normal((shape[0], 2), seed=5)
+    for model in (ours, theirs):
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    for mine, keras_weight in zip(ours.weights, theirs.weights):
+        assert np.all(np.isfinite(to_numpy(mine))), mine.path
+        np.testing.assert_allclose(
+            to_numpy(mine),
+            to_numpy(keras_weight),
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=mine.path,
+        )
+    np.testing.assert_allclose(
+        ours.predict(x, verbose=0),
+        theirs.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_parity_mask():
+    shape = (6, 5, 3)
+    ours, theirs = _twin_layers({"momentum": 0.5}, shape)
+    x = _normal(shape, loc=1.0, scale=2.0)
+    mask = np.random.default_rng(2).random(shape[:2]) > 0.4
+    np.testing.assert_allclose(
+        to_numpy(ours(x, training=True, mask=mask)),
+        to_numpy(theirs(x, training=True, mask=mask)),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    for mine, keras_weight in zip(ours.weights, theirs.weights):
+        np.testing.assert_allclose(
+            to_numpy(mine), to_numpy(keras_weight), rtol=RTOL, atol=ATOL
+        )
+
+
+def test_parity_mask_from_embedding():
+    """A mask that Keras propagates from `Embedding(mask_zero=True)`."""
+
+    def model(bn):
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((6,), dtype="int32")
+        hidden = keras.layers.Embedding(10, 3, mask_zero=True)(inputs)
+        return keras.Model(inputs, bn(hidden))
+
+    ours = model(keras_bn.BatchNormalization(momentum=0.5))
+    theirs = model(keras.layers.BatchNormalization(momentum=0.5))
+    tokens = np.random.default_rng(0).integers(0, 10, (8, 6))
+    tokens[:, 4:] = 0
+    np.testing.assert_allclose(
+        to_numpy(ours(tokens, training=True)),
+        to_numpy(theirs(tokens, training=True)),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    np.testing.assert_allclose(
+        to_numpy(ours.layers[-1].moving_variance),
+        to_numpy(theirs.layers[-1].moving_variance),
+        rtol=RTOL,
+    )
+
+
+@pytest.mark.parametrize("direction", ["keras_to_ours", "ours_to_keras"])
+def test_weights_file_interchange(direction, tmp_path):
+    def model(bn_cls):
+        return _small_model(lambda **kw: bn_cls(renorm=True, **kw), (8, 4))
+
+    source_cls, target_cls = keras.layers.BatchNormalization, keras_bn.BatchNormalization
+    if direction == "ours_to_keras":
+        source_cls, target_cls = target_cls, source_cls
+    source = model(source_cls)
+    x = _normal((8, 4), loc=1.0)
+    source.compile(optimizer="sgd", loss="mse")
+    source.fit(x, x[:, :2], epochs=2, verbose=0)
+    path = str(tmp_path / "model.weights.h5")
+    source.save_weights(path)
+    target = model(target_cls)
+    target.load_weights(path)
+    for mine, other in zip(target.weights, source.weights):
+        np.testing.assert_array_equal(to_numpy(mine), to_numpy(other))
+    np.testing.assert_allclose(
+        to_numpy(target(x)), to_numpy(source(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_frozen_layer_runs_inference_and_keeps_statistics():
+    layer = keras_bn.BatchNormalization(virtual_batch_size=2, renorm=True)
+    x = _normal((6, 3), loc=2.0, scale=3.0)
+    layer(x, training=True)
+    layer.trainable = False
+    before = [to_numpy(w) for w in layer.weights]
+    frozen = to_numpy(layer(x, training=True))
+    np.testing.assert_allclose(
+        frozen, to_numpy(layer(x, training=False)), rtol=1e-6
+    )
+    for weight, old in zip(layer.weights, before):
+        np.testing.assert_array_equal(to_numpy(weight), old)
+
+    # In a model, fit must not move anything either.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, x, verbose=0)
+    for weight, old in zip(layer.weights, before):
+        np.testing.assert_array_equal(to_numpy(weight), old)
+
+
+def test_training_none_is_inference():
+    layer = keras_bn.BatchNormalization()
+    x = _normal((6, 3), loc=2.0, scale=3.0)
+    layer.build(x.shape)
+    layer.moving_mean.assign([1.0, 2.0, 3.0])
+    layer.moving_variance.assign([4.0, 5.0, 6.0])
+    expected = reference.inference(x, [1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=RTOL)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), [1.0, 2.0, 3.0], rtol=0
+    )
+
+
+# ---------------------------------------------------------------------------
+# Ghost batches and axes against the float64 reference.
+
+GHOST_CASES = {
+    "even": ({"virtual_batch_size": 4}, (12, 3), None),
+    "ragged": ({"virtual_batch_size": 4}, (10, 3), None),
+    "ragged_single_last": ({"virtual_batch_size": 3}, (7, 2, 3), None),
+    "one_ghost_batch": ({"virtual_batch_size": 16}, (10, 3), None),
+    "size_one": ({"virtual_batch_size": 1}, (5, 4, 3), None),
+    "masked": ({"virtual_batch_size": 3}, (8, 4, 3), (8, 4)),
+    "channels_first": ({"axis": 1, "virtual_batch_size": 3}, (7, 3, 4, 2), None),
+    "channels_first_masked": (
+        {"axis": 1, "virtual_batch_size": 3},
+        (7, 3, 4, 2),
+        (7, 4, 2),
+    ),
+    "several_axes": ({"axis": [1, -1], "virtual_batch_size": 2}, (5, 3, 4, 2), None),
+    "several_axes_masked": ({"axis": (2, 1)}, (5, 3, 2, 4), (5, 4)),
+    "rank_5": ({"virtual_batch_size": 2}, (5, 2, 3, 2, 3), None),
+    "renorm": (
+        {"virtual_batch_size": 4, "renorm": True, "renorm_momentum": 0.5},
+        (10, 3),
+        None,
+    ),
+    "renorm_clipping_masked": (
+        {
+            "virtual_batch_size": 3,
+            "renorm": True,
+            "renorm_clipping": {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3},
+        },
+        (8, 4, 3),
+        (8, 4),
+    ),
+}
+GHOST = pytest.mark.parametrize(
+    "kwargs,shape,mask_shape",
+    list(GHOST_CASES.values()),
+    ids=list(GHOST_CASES),
+)
+
+
+def _mask(mask_shape, seed=3):
+    if mask_shape is None:
+        return None
+    return np.random.default_rng(seed).random(mask_shape) > 0.3
+
+
+@GHOST
+def test_ghost_batches_match_reference(kwargs, shape, mask_shape):
+    momentum = 0.6
+    layer = keras_bn.BatchNormalization(momentum=momentum, **kwargs)
+    layer.build(shape)
+    _random_parameters(layer)
+    gamma, beta = _parameters(layer)
+    axis = kwargs.get("axis", -1)
+    moving_mean = to_numpy(layer.moving_mean)
+    moving_variance = to_numpy(layer.moving_variance)
+    moving_stddev = np.sqrt(moving_variance)
+    renorm_state = None
+    for step in range(3):
+        x = _normal(shape, seed=step, loc=2.0 * step - 1.0, scale=1.0 + step)
+        mask = _mask(mask_shape, seed=step)
+        if layer.renorm:
+            renorm_state = {
+                "mean": to_numpy(layer.renorm_mean),
+                "stddev": to_numpy(layer.renorm_stddev),
+                **(layer.renorm_clipping or {}),
+            }
+        expected = reference.batch_norm(
+            x,
+            axis=axis,
+            mask=mask,
+            virtual_batch_size=kwargs.get("virtual_batch_size"),
+            gamma=gamma,
+            beta=beta,
+            renorm=renorm_state,
+        )
+        outputs = layer(x, training=True, mask=mask)
+        np.testing.assert_allclose(
+            to_numpy(outputs), expected["outputs"], rtol=RTOL, atol=ATOL
+        )
+        moving_mean = reference.moving_average(
+            moving_mean, expected["mean"], momentum
+        )
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_mean), moving_mean, rtol=RTOL, atol=ATOL
+        )
+        if layer.renorm:
+            stddev = np.sqrt(expected["variance"] + layer.epsilon)
+            moving_stddev = reference.moving_average(
+                moving_stddev, stddev, momentum
+            )
+            moving_variance = moving_stddev**2 - layer.epsilon
+        else:
+            moving_variance = reference.moving_average(
+                moving_variance, expected["variance"], momentum
+            )
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_variance),
+            moving_variance,
+            rtol=RTOL,
+            atol=ATOL,
+        )
+    # Inference ignores ghost batches and takes any batch size.
+    x = _normal((3,) + shape[1:], seed=9)
+    expected = reference.inference(
+        x, moving_mean, moving_variance, axis=axis, gamma=gamma, beta=beta
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), expected, rtol=RTOL, atol=ATOL
+    )
+
+
+@GHOST
+def test_ghost_gradients_match_reference(kwargs, shape, mask_shape):
+    """Gradients with respect to the input, gamma and beta flow through the
+    ghost statistics: checked against finite differences of the float64
+    reference."""
+    layer = keras_bn.BatchNormalization(**kwargs)
+    layer.build(shape)
+    _random_parameters(layer)
+    gamma, beta = _parameters(layer)
+    axis = kwargs.get("axis", -1)
+    x = _normal(shape, loc=1.0, scale=2.0)
+    mask = _mask(mask_shape)
+    upstream = _normal(shape, seed=11)
+    renorm_state = None
+    if layer.renorm:
+        layer.renorm_mean.assign(np.full(layer.renorm_mean.shape, 0.7))
+        layer.renorm_stddev.assign(np.full(layer.renorm_stddev.shape, 1.3))
+        renorm_state = {
+            "mean": to_numpy(layer.renorm_mean),
+            "stddev": to_numpy(layer.renorm_stddev),
+            **(layer.renorm_clipping or {}),
+        }
+        renorm_state["corrections"] = reference.batch_norm(
+            x,
+            axis=axis,
+            mask=mask,
+            virtual_batch_size=kwargs.get("virtual_batch_size"),
+            renorm=renorm_state,
+        )["corrections"]
+    non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
+
+    def loss(x, gamma, beta):
+        y, _ = layer.stateless_call(
+            [gamma, beta], non_trainable, x, training=True, mask=mask
+        )
+        return ops.sum(ops.multiply(y, upstream))
+
+    _, (dx, dgamma, dbeta) = value_and_gradients(loss, x, gamma, beta)
+
+    def reference_loss(x=x, gamma=gamma, beta=beta):
+        outputs = reference.batch_norm(
+            x,
+            axis=axis,
+            mask=mask,
+            virtual_batch_size=kwargs.get("virtual_batch_size"),
+            gamma=gamma,
+            beta=beta,
+            renorm=renorm_state,
+        )["outputs"]
+        return np.sum(outputs * upstream)
+
+    expected_dx = reference.numerical_gradient(lambda v: reference_loss(x=v), x)
+    expected_dgamma = reference.numerical_gradient(
+        lambda v: reference_loss(gamma=v), gamma
+    )
+    expected_dbeta = reference.numerical_gradient(
+        lambda v: reference_loss(beta=v), beta
+    )
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dgamma, expected_dgamma, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, expected_dbeta, rtol=1e-4, atol=1e-4)
+
+
+def test_ghost_statistics_differ_from_plain():
+    """The ghost path really normalizes per ghost batch: ghost batches with
+    different statistics give each a zero mean, which plain BN does not."""
+    x = np.concatenate(
+        [_normal((4, 3), loc=-5.0), _normal((4, 3), seed=1, loc=5.0)]
+    )
+    ghost = to_numpy(
+        keras_bn.BatchNormalization(virtual_batch_size=4)(x, training=True)
+    )
+    plain = to_numpy(keras_bn.BatchNormalization()(x, training=True))
+    np.testing.assert_allclose(ghost[:4].mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(ghost[4:].mean(axis=0), 0.0, atol=1e-5)
+    assert np.all(np.abs(plain[:4].mean(axis=0)) > 0.9)
+
+
+def test_ghost_matches_tf_keras_virtual_batch_size():
+    """tf.keras's ghost batch j holds samples j, j + G, j + 2G, ...; ours
+    are consecutive. With the batch permuted they compute the same."""
+    if BACKEND != "tensorflow":
+        pytest.skip("tf_keras runs on TensorFlow")
+    import tf_keras
+
+    batch, virtual, features = 12, 4, 3
+    groups = batch // virtual
+    permutation = np.array(
+        [i * groups + j for j in range(groups) for i in range(virtual)]
+    )
+    theirs = tf_keras.layers.BatchNormalization(
+        virtual_batch_size=virtual, momentum=0.7, renorm=True
+    )
+    ours = keras_bn.BatchNormalization(
+        virtual_batch_size=virtual, momentum=0.7
+    )
+    ours_renorm = keras_bn.BatchNormalization(
+        virtual_batch_size=virtual, momentum=0.7, renorm=True
+    )
+    plain_theirs = tf_keras.layers.BatchNormalization(
+        virtual_batch_size=virtual, momentum=0.7
+    )
+    for step in range(3):
+        x = _normal((batch, features), seed=step, loc=step, scale=1 + step)
+        y_theirs = to_numpy(plain_theirs(x, training=True))
+        y_ours = to_numpy(ours(x[permutation], training=True))
+        np.testing.assert_allclose(
+            y_ours, y_theirs[permutation], rtol=RTOL, atol=ATOL
+        )
+        np.testing.assert_allclose(
+            to_numpy(ours.moving_mean),
+            plain_theirs.moving_mean.numpy().reshape(-1),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        np.testing.assert_allclose(
+            to_numpy(ours.moving_variance),
+            plain_theirs.moving_variance.numpy().reshape(-1),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        # tf.keras applies one renorm correction to all ghost batches;
+        # ours corrects each ghost batch, so only the statistics compare.
+        theirs(x, training=True)
+        ours_renorm(x[permutation], training=True)
+        for name in ("moving_mean", "moving_variance", "renorm_mean"):
+            np.testing.assert_allclose(
+                to_numpy(getattr(ours_renorm, name)),
+                getattr(theirs, name).numpy().reshape(-1),
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=name,
+            )
+
+
+def test_dynamic_batch_compiled():
+    """A compiled step with an unknown batch size takes ragged batches."""
+    layer = keras_bn.BatchNormalization(virtual_batch_size=4, momentum=0.0)
+    layer.build((None, 3))
+    x = _normal((10, 3), loc=1.0, scale=2.0)
+
+    def step(x):
+        outputs, updated = layer.stateless_call(
+            layer.trainable_variables,
+            layer.non_trainable_variables,
+            x,
+            training=True,
+        )
+        return outputs, updated[1]
+
+    compiled = compile_with_dynamic_batch(step, x)
+    for batch in (10, 4, 3, 9):
+        outputs, moving_variance = compiled(x[:batch])
+        expected = reference.batch_norm(x[:batch], virtual_batch_size=4)
+        np.testing.assert_allclose(
+            to_numpy(outputs), expected["outputs"], rtol=RTOL, atol=ATOL
+        )
+        np.testing.assert_allclose(
+            to_numpy(moving_variance), expected["variance"], rtol=RTOL
+        )
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
+def test_fit_with_ragged_last_batch(jit_compile):
+    """`fit` with a last batch smaller than the others, and the ghost batch
+    size dividing neither, trains to the same moving statistics as the
+    reference."""
+    if jit_compile and BACKEND == "torch":
+        pytest.skip("jit_compile on torch is torch.compile, out of scope")
+    x = _normal((22, 3), loc=4.0, scale=2.0)
+    layer = keras_bn.BatchNormalization(virtual_batch_size=3, momentum=0.5)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
+    model.fit(x, x, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    mean, variance = np.zeros(3), np.ones(3)
+    for start in range(0, 22, 8):
+        expected = reference.batch_norm(x[start : start + 8], virtual_batch_size=3)
+        mean = reference.moving_average(mean, expected["mean"], 0.5)
+        variance = reference.moving_average(variance, expected["variance"], 0.5)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=RTOL)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=RTOL
+    )
+
+
+# ---------------------------------------------------------------------------
+# Masks.
+
+
+def test_masked_positions_are_ignored():
+    """Changing the values at masked positions changes neither the
+    statistics nor the outputs elsewhere."""
+    shape = (6, 3, 4)
+    x = _normal(shape, loc=1.0)
+    mask = np.ones((6, 4), bool)
+    mask[:, 3] = False
+    noisy = x.copy()
+    noisy[:, :, 3] = 1e6
+    layers = [
+        keras_bn.BatchNormalization(axis=1, virtual_batch_size=4)
+        for _ in range(2)
+    ]
+    clean = to_numpy(layers[0](x, training=True, mask=mask))
+    dirty = to_numpy(layers[1](noisy, training=True, mask=mask))
+    np.testing.assert_allclose(clean[..., :3], dirty[..., :3], rtol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(layers[0].moving_variance),
+        to_numpy(layers[1].moving_variance),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_empty_ghost_batch_and_empty_batch(renorm):
+    layer = keras_bn.BatchNormalization(
+        virtual_batch_size=2, momentum=0.5, renorm=renorm
+    )
+    x = _normal((6, 3, 2), loc=3.0)
+    mask = np.ones((6, 3), bool)
+    mask[2:4] = False  # The second ghost batch has no data.
+    outputs = to_numpy(layer(x, training=True, mask=mask))
+    assert np.all(np.isfinite(outputs))
+    expected = reference.batch_norm(x, mask=mask, virtual_batch_size=2)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean),
+        reference.moving_average(0.0, expected["mean"], 0.5),
+        rtol=RTOL,
+    )
+
+    before = [to_numpy(w) for w in layer.weights]
+    outputs = to_numpy(
+        layer(x, training=True, mask=np.zeros((6, 3), bool))
+    )
+    assert np.all(np.isfinite(outputs))
+    for weight, old in zip(layer.weights, before):
+        np.testing.assert_array_equal(to_numpy(weight), old, err_msg=weight.name)
+
+
+@pytest.mark.parametrize(
+    "mask_shape", [(6,), (6, 3, 1), (6, 4), (5, 3)], ids=str
+)
+def test_mask_of_wrong_shape(mask_shape):
+    layer = keras_bn.BatchNormalization()
+    x = _normal((6, 3, 2))
+    with pytest.raises(ValueError, match="mask.shape=") as error:
+        layer(x, training=True, mask=np.ones(mask_shape, bool))
+    assert str(mask_shape) in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# Inference statistics.
+
+
+def test_inference_with_batch_statistics():
+    layer = keras_bn.BatchNormalization(inference_statistics="batch")
+    x = _normal((9, 3), loc=5.0, scale=3.0)
+    layer.build(x.shape)
+    _random_parameters(layer)
+    gamma, beta = _parameters(layer)
+    before = [to_numpy(w) for w in layer.non_trainable_weights]
+    expected = reference.batch_norm(x, gamma=gamma, beta=beta)["outputs"]
+    for training in (False, None):
+        np.testing.assert_allclose(
+            to_numpy(layer(x, training=training)), expected, rtol=RTOL, atol=ATOL
+        )
+    mask = np.arange(9) < 5
+    expected = reference.batch_norm(x, mask=mask, gamma=gamma, beta=beta)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, mask=mask)), expected["outputs"], rtol=RTOL, atol=ATOL
+    )
+    inputs = keras.Input((3,))
+    keras.Model(inputs, layer(inputs)).predict(x, batch_size=4, verbose=0)
+    for weight, old in zip(layer.non_trainable_weights, before):
+        np.testing.assert_array_equal(to_numpy(weight), old)
+
+
+# ---------------------------------------------------------------------------
+# Numerics.
+
+
+def test_variance_of_inputs_with_large_offset():
+    """1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 loses the variance to
+    cancellation; the two-pass variance keeps it to 1e-3."""
+    x = _normal((256, 4), loc=1e4)
+    expected = np.var(x.astype(np.float64), axis=0)
+    for kwargs in ({}, {"virtual_batch_size": 64}):
+        layer = keras_bn.BatchNormalization(momentum=0.0, **kwargs)
+        outputs = to_numpy(layer(x, training=True))
+        ghost_variance = reference.batch_norm(x, **kwargs)["variance"]
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_variance), ghost_variance, rtol=1e-3
+        )
+        if not kwargs:
+            np.testing.assert_allclose(
+                to_numpy(layer.moving_variance), expected, rtol=1e-3
+            )
+            np.testing.assert_allclose(outputs.std(axis=0), 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy):
+    half = policy.removeprefix("mixed_")
+    layer = keras_bn.BatchNormalization(
+        virtual_batch_size=4, renorm=True, dtype=policy
+    )
+    x = _normal((10, 3), loc=1.0, scale=3.0)
+    outputs = layer(x.astype(half), training=True)
+    assert keras.backend.standardize_dtype(outputs.dtype) == half
+    for weight in layer.weights:
+        assert keras.backend.standardize_dtype(weight.dtype) == "float32"
+    expected = reference.batch_norm(
+        x.astype(half).astype("float32"),
+        virtual_batch_size=4,
+        renorm={"mean": 0.0, "stddev": 1.0},
+    )
+    tolerance = 1e-2 if half == "bfloat16" else 2e-3
+    np.testing.assert_allclose(
+        to_numpy(ops.cast(outputs, "float32")),
+        expected["outputs"],
+        rtol=tolerance,
+        atol=tolerance,
+    )
+    inference = layer(x.astype(half))
+    assert keras.backend.standardize_dtype(inference.dtype) == half
+
+
+def test_float16_inputs_near_the_limit_stay_finite():
+    layer = keras_bn.BatchNormalization(dtype="mixed_float16")
+    x = np.random.default_rng(0).uniform(-6e4, 6e4, (64, 3)).astype("float16")
+    outputs = to_numpy(ops.cast(layer(x, training=True), "float32"))
+    assert np.all(np.isfinite(outputs))
+    assert np.all(np.isfinite(to_numpy(layer.moving_variance)))
+    np.testing.assert_allclose(
+        outputs,
+        reference.batch_norm(x.astype("float64"))["outputs"],
+        rtol=1e-2,
+        atol=1e-2,
+    )
+
+
+def test_float64_stays_float64():
+    if BACKEND == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            pytest.skip("JAX runs float64 only with jax_enable_x64")
+    layer = keras_bn.BatchNormalization(dtype="float64", virtual_batch_size=3)
+    x = _normal((7, 3), loc=1e8, dtype="float64")
+    outputs = layer(x, training=True)
+    assert keras.backend.standardize_dtype(outputs.dtype) == "float64"
+    np.testing.assert_allclose(
+        to_numpy(outputs),
+        reference.batch_norm(x, virtual_batch_size=3)["outputs"],
+        rtol=1e-9,
+        atol=1e-9,
+    )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=str)
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_non_finite_channel_keeps_its_moving_statistics(bad, renorm):
+    layer = keras_bn.BatchNormalization(
+        momentum=0.5, renorm=renorm, virtual_batch_size=4
+    )
+    x = _normal((8, 3), loc=2.0)
+    layer(x, training=True)
+    before = {w.name: to_numpy(w) for w in layer.non_trainable_weights}
+    corrupted = x.copy()
+    corrupted[5, 1] = bad
+    outputs = to_numpy(layer(corrupted, training=True))
+    assert np.all(np.isfinite(outputs[:, [0, 2]]))
+    for weight in layer.non_trainable_weights:
+        value = to_numpy(weight)
+        np.testing.assert_array_equal(value[1], before[weight.name][1])
+        assert np.all(value[[0, 2]] != before[weight.name][[0, 2]])
+
+
+# ---------------------------------------------------------------------------
+# Synchronized statistics on one device.
+
+
+def test_synchronized_on_one_device_changes_nothing():
+    x = _normal((10, 3), loc=1.0, scale=2.0)
+    for kwargs in ({}, {"virtual_batch_size": 4}):
+        synced = keras_bn.BatchNormalization(synchronized=True, **kwargs)
+        plain = keras_bn.BatchNormalization(**kwargs)
+        np.testing.assert_allclose(
+            to_numpy(synced(x, training=True)),
+            to_numpy(plain(x, training=True)),
+            rtol=1e-6,
+        )
+        np.testing.assert_allclose(
+            to_numpy(synced.moving_variance),
+            to_numpy(plain.moving_variance),
+            rtol=1e-6,
+        )
+
+
+def test_synchronized_refused_in_a_torch_distributed_job(monkeypatch):
+    if BACKEND != "torch":
+        pytest.skip("torch.distributed only")
+    import torch.distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    layer = keras_bn.BatchNormalization(synchronized=True)
+    with pytest.raises(ValueError, match="synchronized=True, world_size=2"):
+        layer(_normal((4, 3)), training=True)
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments.
+
+BAD_ARGUMENTS = {
+    "virtual_batch_size_zero": ({"virtual_batch_size": 0}, "virtual_batch_size=0"),
+    "virtual_batch_size_negative": (
+        {"virtual_batch_size": -4},
+        "virtual_batch_size=-4",
+    ),
+    "virtual_batch_size_float": (
+        {"virtual_batch_size": 2.5},
+        "virtual_batch_size=2.5",
+    ),
+    "virtual_batch_size_string": (
+        {"virtual_batch_size": "8"},
+        "virtual_batch_size='8'",
+    ),
+    "virtual_batch_size_bool": (
+        {"virtual_batch_size": True},
+        "virtual_batch_size=True",
+    ),
+    "momentum_above_one": ({"momentum": 1.5}, "momentum=1.5"),
+    "momentum_negative": ({"momentum": -0.1}, "momentum=-0.1"),
+    "renorm_momentum": ({"renorm_momentum": 2.0}, "renorm_momentum=2.0"),
+    "epsilon_zero": ({"epsilon": 0.0}, "epsilon=0.0"),
+    "epsilon_negative": ({"epsilon": -1e-3}, "epsilon=-0.001"),
+    "inference_statistics": (
+        {"inference_statistics": "moving_average"},
+        "inference_statistics='moving_average'",
+    ),
+    "axis_float": ({"axis": 1.0}, "axis=1.0"),
+    "axis_empty": ({"axis": []}, r"axis=\[\]"),
+    "axis_repeated": ({"axis": [1, 1]}, r"axis=\[1, 1\]"),
+    "renorm_clipping_key": (
+        {"renorm": True, "renorm_clipping": {"rmax": 2.0, "r_max": 3.0}},
+        "r_max",
+    ),
+    "renorm_clipping_rmax_below_rmin": (
+        {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 1.0}},
+        "rmax >= rmin",
+    ),
+    "renorm_clipping_dmax_negative": (
+        {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
+        "'dmax': -1.0",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message", list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS)
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_bn.BatchNormalization(**kwargs)
+
+
+BAD_BUILDS = {
+    "axis_out_of_range": ({"axis": 3}, (None, 4, 3), "axis=3"),
+    "axis_negative_out_of_range": ({"axis": -4}, (None, 4, 3), "axis=-4"),
+    "axis_same_twice": ({"axis": [2, -1]}, (None, 4, 3), r"axis=\[2, -1\]"),
+    "batch_axis_with_ghost": (
+        {"axis": [0, -1], "virtual_batch_size": 4},
+        (8, 4, 3),
+        "batch axis 0",
+    ),
+    "unknown_feature_dimension": ({"axis": 1}, (None, None, 3), "known size"),
+    "rank_one": ({}, (8,), "rank 2 or more"),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,message", list(BAD_BUILDS.values()), ids=list(BAD_BUILDS)
+)
+def test_invalid_inputs(kwargs, shape, message):
+    layer = keras_bn.BatchNormalization(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        layer.build(shape)
+
+
+def test_bad_call_leaves_state_intact():
+    layer = keras_bn.BatchNormalization(momentum=0.5)
+    x = _normal((6, 3, 2), loc=1.0)
+    layer(x, training=True)
+    before = [to_numpy(w) for w in layer.weights]
+    with pytest.raises(ValueError):
+        layer(x, training=True, mask=np.ones((6, 2, 3), bool))
+    for weight, old in zip(layer.weights, before):
+        np.testing.assert_array_equal(to_numpy(weight), old)
+
+
+def test_batch_axis_without_ghost_is_allowed():
+    layer = keras_bn.BatchNormalization(axis=[0, -1])
+    x = _normal((4, 5, 3))
+    expected = reference.batch_norm(x, axis=[0, -1])["outputs"]
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)), expected, rtol=RTOL, atol=ATOL
+    )
+    assert tuple(layer.gamma.shape) == (4, 3)
+
+
+# ---------------------------------------------------------------------------
+# Serialization.
+
+FULL_CONFIG = {
+    "axis": [1, 3],
+    "momentum": 0.9,
+    "epsilon": 1e-4,
+    "center": False,
+    "scale": True,
+    "beta_initializer": "ones",
+    "gamma_initializer": keras.initializers.Constant(2.0),
+    "moving_mean_initializer": "ones",
+    "moving_variance_initializer": keras.initializers.Constant(4.0),
+    "beta_regularizer": "l2",
+    "gamma_regularizer": keras.regularizers.L1(0.01),
+    "beta_constraint": "non_neg",
+    "gamma_constraint": keras.constraints.MaxNorm(2.0),
+    "synchronized": True,
+    "renorm": True,
+    "renorm_clipping": {"rmax": 3.0, "rmin": 0.5, "dmax": 1.0},
+    "renorm_momentum": 0.8,
+    "virtual_batch_size": 16,
+    "inference_statistics": "batch",
+}
+
+
+def test_config_round_trip_keeps_every_argument():
+    layer = keras_bn.BatchNormalization(**FULL_CONFIG, name="bn")
+    config = layer.get_config()
+    for key in ("axis", "momentum", "epsilon", "center", "scale", "synchronized",
+                "renorm", "renorm_clipping", "renorm_momentum",
+                "virtual_batch_size", "inference_statistics"):
+        assert config[key] == FULL_CONFIG[key], key
+    json.dumps(config)
+    snapshot = json.loads(json.dumps(config))
+    clone = keras_bn.BatchNormalization.from_config(config)
+    assert json.loads(json.dumps(config)) == snapshot
+    assert clone.get_config() == config
+    config["renorm_clipping"]["rmax"] = 100.0
+    assert layer.renorm_clipping["rmax"] == 3.0
+    assert clone.virtual_batch_size == 16
+
+
+def test_load_model_without_custom_objects(tmp_path):
+    inputs = keras.Input((5, 3))
+    outputs = keras_bn.BatchNormalization(
+        virtual_batch_size=3, renorm=True, axis=[1, 2]
+    )(inputs)
+    model = keras.Model(inputs, outputs)
+    x = _normal((7, 5, 3), loc=1.0)
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, x, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(str(path))
+    with zipfile.ZipFile(path) as archive:
+        saved = json.loads(archive.read("config.json"))
+    layer_config = saved["config"]["layers"][1]
+    assert layer_config["registered_name"] == "keras_bn>BatchNormalization"
+    assert layer_config["config"]["virtual_batch_size"] == 3
+    loaded = keras.models.load_model(str(path))
+    assert isinstance(loaded.layers[1], keras_bn.BatchNormalization)
+    assert loaded.layers[1].virtual_batch_size == 3
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_stateless_call_returns_updated_moving_statistics():
+    layer = keras_bn.BatchNormalization(
+        virtual_batch_size=3, renorm=True, momentum=0.5
+    )
+    x = _normal((8, 3), loc=2.0, scale=3.0)
+    layer.build(x.shape)
+    trainable = [ops.copy(w) for w in layer.trainable_variables]
+    non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
+    outputs, updated = layer.stateless_call(
+        trainable, non_trainable, x, training=True
+    )
+    # The layer itself did not change ...
+    for weight, old in zip(layer.non_trainable_variables, non_trainable):
+        np.testing.assert_array_equal(to_numpy(weight), to_numpy(old))
+    # ... and the stateless results equal a stateful step.
+    stateful = layer(x, training=True)
+    np.testing.assert_allclose(to_numpy(outputs), to_numpy(stateful), rtol=1e-6)
+    assert len(updated) == len(layer.non_trainable_variables) == 5
+    for new, weight in zip(updated, layer.non_trainable_variables):
+        np.testing.assert_allclose(
+            to_numpy(new), to_numpy(weight), rtol=1e-6, err_msg=weight.name
+        )
