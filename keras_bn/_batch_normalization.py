@@ -430,7 +430,7 @@ class BatchNormalization(keras.layers.Layer):
         received = list(mask.shape)
         if len(received) != len(expected) or any(
             a is not None and b is not None and a != b
-            for a, b in zip(received, expected)
+            for a, b in zip(received, expected, strict=True)
         ):
             raise ValueError(
                 "`mask` must have the input's shape without the feature axes "
@@ -576,9 +576,7 @@ def _standardize_renorm_clipping(clipping):
         key: None if value is None else float(value)
         for key, value in clipping.items()
     }
-    rmin, rmax, dmax = (
-        clipping.get(key) for key in ("rmin", "rmax", "dmax")
-    )
+    rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
     if rmin is not None and rmax is not None and rmax < rmin:
         raise ValueError(
             "`renorm_clipping` must have rmax >= rmin. Received: "

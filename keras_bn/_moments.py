@@ -55,9 +55,7 @@ def ghost_batch_broadcast(values, batch, virtual_batch_size):
     return ops.repeat(values, virtual_batch_size, axis=0)[:batch]
 
 
-def moments(
-    x, axes, mask=None, virtual_batch_size=None, batch_sum=None
-):
+def moments(x, axes, mask=None, virtual_batch_size=None, batch_sum=None):
     """Mean and variance of `x` over `axes`, per ghost batch if asked.
 
     Args:

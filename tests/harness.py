@@ -53,8 +53,11 @@ def run_layer_test(
     before = [to_numpy(w) for w in model.weights]
     model.fit(x, 2 * x + 1, batch_size=len(x), epochs=1, verbose=0)
     after = [to_numpy(w) for w in model.weights]
-    for weight, old, new in zip(model.weights, before, after):
-        if weight.trainable or weight.name in ("moving_mean", "moving_variance"):
+    for weight, old, new in zip(model.weights, before, after, strict=True):
+        if weight.trainable or weight.name in (
+            "moving_mean",
+            "moving_variance",
+        ):
             assert not np.allclose(old, new), f"{weight.name} did not train"
 
     path = str(tmp_path / "model.keras")

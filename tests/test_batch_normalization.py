@@ -45,7 +45,13 @@ HARNESS_CASES = {
     "channels_first": ({"axis": 1}, (4, 3, 5, 5), 2, 2, None),
     "several_axes": ({"axis": [1, 3]}, (4, 3, 5, 2), 2, 2, None),
     "renorm": ({"renorm": True}, (8, 3), 2, 5, None),
-    "no_scale_no_center": ({"center": False, "scale": False}, (8, 3), 0, 2, None),
+    "no_scale_no_center": (
+        {"center": False, "scale": False},
+        (8, 3),
+        0,
+        2,
+        None,
+    ),
     "masked_sequence": ({"virtual_batch_size": 3}, (8, 5, 3), 2, 2, (8, 5)),
     "batch_inference": ({"inference_statistics": "batch"}, (8, 3), 2, 2, None),
 }
@@ -79,7 +85,9 @@ def test_no_scale_no_center():
     x = _normal((8, 3), loc=2.0, scale=3.0)
     outputs = layer(x, training=True)
     expected = reference.batch_norm(x, epsilon=1e-3)["outputs"]
-    np.testing.assert_allclose(to_numpy(outputs), expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        to_numpy(outputs), expected, rtol=RTOL, atol=ATOL
+    )
     assert layer.trainable_weights == []
     assert [w.name for w in layer.weights] == ["moving_mean", "moving_variance"]
 
@@ -138,12 +146,16 @@ def test_parity_weights(kwargs, shape):
     assert [w.trainable for w in ours.weights] == [
         w.trainable for w in theirs.weights
     ]
-    for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
+    for mine, keras_weight in zip(
+        ours.get_weights(), theirs.get_weights(), strict=True
+    ):
         np.testing.assert_array_equal(mine, keras_weight)
     # And the other way round.
     ours.set_weights([w + 1.0 for w in ours.get_weights()])
     theirs.set_weights(ours.get_weights())
-    for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):
+    for mine, keras_weight in zip(
+        ours.get_weights(), theirs.get_weights(), strict=True
+    ):
         np.testing.assert_array_equal(mine, keras_weight)
 
 
@@ -160,7 +172,9 @@ def test_parity_steps(kwargs, shape):
             rtol=RTOL,
             atol=ATOL,
         )
-        for mine, keras_weight in zip(ours.weights, theirs.weights):
+        for mine, keras_weight in zip(
+            ours.weights, theirs.weights, strict=True
+        ):
             np.testing.assert_allclose(
                 to_numpy(mine),
                 to_numpy(keras_weight),
@@ -201,7 +215,7 @@ def test_parity_gradients(kwargs, shape):
     )
     np.testing.assert_allclose(value, keras_value, rtol=RTOL, atol=1e-4)
     assert len(grads) == len(keras_grads)
-    for mine, keras_grad in zip(grads, keras_grads):
+    for mine, keras_grad in zip(grads, keras_grads, strict=True):
         np.testing.assert_allclose(mine, keras_grad, rtol=RTOL, atol=ATOL)
 
 
@@ -237,7 +251,7 @@ def test_parity_fit(kwargs):
     for model in (ours, theirs):
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    for mine, keras_weight in zip(ours.weights, theirs.weights):
+    for mine, keras_weight in zip(ours.weights, theirs.weights, strict=True):
         assert np.all(np.isfinite(to_numpy(mine))), mine.path
         np.testing.assert_allclose(
             to_numpy(mine),
@@ -265,7 +279,7 @@ def test_parity_mask():
         rtol=RTOL,
         atol=ATOL,
     )
-    for mine, keras_weight in zip(ours.weights, theirs.weights):
+    for mine, keras_weight in zip(ours.weights, theirs.weights, strict=True):
         np.testing.assert_allclose(
             to_numpy(mine), to_numpy(keras_weight), rtol=RTOL, atol=ATOL
         )
@@ -302,7 +316,10 @@ def test_weights_file_interchange(direction, tmp_path):
     def model(bn_cls):
         return _small_model(lambda **kw: bn_cls(renorm=True, **kw), (8, 4))
 
-    source_cls, target_cls = keras.layers.BatchNormalization, keras_bn.BatchNormalization
+    source_cls, target_cls = (
+        keras.layers.BatchNormalization,
+        keras_bn.BatchNormalization,
+    )
     if direction == "ours_to_keras":
         source_cls, target_cls = target_cls, source_cls
     source = model(source_cls)
@@ -313,7 +330,7 @@ def test_weights_file_interchange(direction, tmp_path):
     source.save_weights(path)
     target = model(target_cls)
     target.load_weights(path)
-    for mine, other in zip(target.weights, source.weights):
+    for mine, other in zip(target.weights, source.weights, strict=True):
         np.testing.assert_array_equal(to_numpy(mine), to_numpy(other))
     np.testing.assert_allclose(
         to_numpy(target(x)), to_numpy(source(x)), rtol=1e-6, atol=1e-6
@@ -330,7 +347,7 @@ def test_frozen_layer_runs_inference_and_keeps_statistics():
     np.testing.assert_allclose(
         frozen, to_numpy(layer(x, training=False)), rtol=1e-6
     )
-    for weight, old in zip(layer.weights, before):
+    for weight, old in zip(layer.weights, before, strict=True):
         np.testing.assert_array_equal(to_numpy(weight), old)
 
     # In a model, fit must not move anything either.
@@ -338,7 +355,7 @@ def test_frozen_layer_runs_inference_and_keeps_statistics():
     model = keras.Model(inputs, keras.layers.Dense(3)(layer(inputs)))
     model.compile(optimizer="sgd", loss="mse")
     model.fit(x, x, verbose=0)
-    for weight, old in zip(layer.weights, before):
+    for weight, old in zip(layer.weights, before, strict=True):
         np.testing.assert_array_equal(to_numpy(weight), old)
 
 
@@ -365,13 +382,21 @@ GHOST_CASES = {
     "one_ghost_batch": ({"virtual_batch_size": 16}, (10, 3), None),
     "size_one": ({"virtual_batch_size": 1}, (5, 4, 3), None),
     "masked": ({"virtual_batch_size": 3}, (8, 4, 3), (8, 4)),
-    "channels_first": ({"axis": 1, "virtual_batch_size": 3}, (7, 3, 4, 2), None),
+    "channels_first": (
+        {"axis": 1, "virtual_batch_size": 3},
+        (7, 3, 4, 2),
+        None,
+    ),
     "channels_first_masked": (
         {"axis": 1, "virtual_batch_size": 3},
         (7, 3, 4, 2),
         (7, 4, 2),
     ),
-    "several_axes": ({"axis": [1, -1], "virtual_batch_size": 2}, (5, 3, 4, 2), None),
+    "several_axes": (
+        {"axis": [1, -1], "virtual_batch_size": 2},
+        (5, 3, 4, 2),
+        None,
+    ),
     "several_axes_masked": ({"axis": (2, 1)}, (5, 3, 2, 4), (5, 4)),
     "rank_5": ({"virtual_batch_size": 2}, (5, 2, 3, 2, 3), None),
     "renorm": (
@@ -561,9 +586,7 @@ def test_ghost_matches_tf_keras_virtual_batch_size():
     theirs = tf_keras.layers.BatchNormalization(
         virtual_batch_size=virtual, momentum=0.7, renorm=True
     )
-    ours = keras_bn.BatchNormalization(
-        virtual_batch_size=virtual, momentum=0.7
-    )
+    ours = keras_bn.BatchNormalization(virtual_batch_size=virtual, momentum=0.7)
     ours_renorm = keras_bn.BatchNormalization(
         virtual_batch_size=virtual, momentum=0.7, renorm=True
     )
@@ -645,7 +668,9 @@ def test_fit_with_ragged_last_batch(jit_compile):
     model.fit(x, x, batch_size=8, epochs=1, shuffle=False, verbose=0)
     mean, variance = np.zeros(3), np.ones(3)
     for start in range(0, 22, 8):
-        expected = reference.batch_norm(x[start : start + 8], virtual_batch_size=3)
+        expected = reference.batch_norm(
+            x[start : start + 8], virtual_batch_size=3
+        )
         mean = reference.moving_average(mean, expected["mean"], 0.5)
         variance = reference.moving_average(variance, expected["variance"], 0.5)
     np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=RTOL)
@@ -699,12 +724,12 @@ def test_empty_ghost_batch_and_empty_batch(renorm):
     )
 
     before = [to_numpy(w) for w in layer.weights]
-    outputs = to_numpy(
-        layer(x, training=True, mask=np.zeros((6, 3), bool))
-    )
+    outputs = to_numpy(layer(x, training=True, mask=np.zeros((6, 3), bool)))
     assert np.all(np.isfinite(outputs))
-    for weight, old in zip(layer.weights, before):
-        np.testing.assert_array_equal(to_numpy(weight), old, err_msg=weight.name)
+    for weight, old in zip(layer.weights, before, strict=True):
+        np.testing.assert_array_equal(
+            to_numpy(weight), old, err_msg=weight.name
+        )
 
 
 @pytest.mark.parametrize(
@@ -732,7 +757,10 @@ def test_inference_with_batch_statistics():
     expected = reference.batch_norm(x, gamma=gamma, beta=beta)["outputs"]
     for training in (False, None):
         np.testing.assert_allclose(
-            to_numpy(layer(x, training=training)), expected, rtol=RTOL, atol=ATOL
+            to_numpy(layer(x, training=training)),
+            expected,
+            rtol=RTOL,
+            atol=ATOL,
         )
     mask = np.arange(9) < 5
     expected = reference.batch_norm(x, mask=mask, gamma=gamma, beta=beta)
@@ -741,7 +769,7 @@ def test_inference_with_batch_statistics():
     )
     inputs = keras.Input((3,))
     keras.Model(inputs, layer(inputs)).predict(x, batch_size=4, verbose=0)
-    for weight, old in zip(layer.non_trainable_weights, before):
+    for weight, old in zip(layer.non_trainable_weights, before, strict=True):
         np.testing.assert_array_equal(to_numpy(weight), old)
 
 
@@ -883,7 +911,10 @@ def test_synchronized_refused_in_a_torch_distributed_job(monkeypatch):
 # Bad arguments.
 
 BAD_ARGUMENTS = {
-    "virtual_batch_size_zero": ({"virtual_batch_size": 0}, "virtual_batch_size=0"),
+    "virtual_batch_size_zero": (
+        {"virtual_batch_size": 0},
+        "virtual_batch_size=0",
+    ),
     "virtual_batch_size_negative": (
         {"virtual_batch_size": -4},
         "virtual_batch_size=-4",
@@ -965,7 +996,7 @@ def test_bad_call_leaves_state_intact():
     before = [to_numpy(w) for w in layer.weights]
     with pytest.raises(ValueError):
         layer(x, training=True, mask=np.ones((6, 2, 3), bool))
-    for weight, old in zip(layer.weights, before):
+    for weight, old in zip(layer.weights, before, strict=True):
         np.testing.assert_array_equal(to_numpy(weight), old)
 
 
@@ -1008,9 +1039,19 @@ FULL_CONFIG = {
 def test_config_round_trip_keeps_every_argument():
     layer = keras_bn.BatchNormalization(**FULL_CONFIG, name="bn")
     config = layer.get_config()
-    for key in ("axis", "momentum", "epsilon", "center", "scale", "synchronized",
-                "renorm", "renorm_clipping", "renorm_momentum",
-                "virtual_batch_size", "inference_statistics"):
+    for key in (
+        "axis",
+        "momentum",
+        "epsilon",
+        "center",
+        "scale",
+        "synchronized",
+        "renorm",
+        "renorm_clipping",
+        "renorm_momentum",
+        "virtual_batch_size",
+        "inference_statistics",
+    ):
         assert config[key] == FULL_CONFIG[key], key
     json.dumps(config)
     snapshot = json.loads(json.dumps(config))
@@ -1058,13 +1099,15 @@ def test_stateless_call_returns_updated_moving_statistics():
         trainable, non_trainable, x, training=True
     )
     # The layer itself did not change ...
-    for weight, old in zip(layer.non_trainable_variables, non_trainable):
+    for weight, old in zip(
+        layer.non_trainable_variables, non_trainable, strict=True
+    ):
         np.testing.assert_array_equal(to_numpy(weight), to_numpy(old))
     # ... and the stateless results equal a stateful step.
     stateful = layer(x, training=True)
     np.testing.assert_allclose(to_numpy(outputs), to_numpy(stateful), rtol=1e-6)
     assert len(updated) == len(layer.non_trainable_variables) == 5
-    for new, weight in zip(updated, layer.non_trainable_variables):
+    for new, weight in zip(updated, layer.non_trainable_variables, strict=True):
         np.testing.assert_allclose(
             to_numpy(new), to_numpy(weight), rtol=1e-6, err_msg=weight.name
         )
