@@ -1,0 +1,136 @@
+"""Runs the whole test suite and prints one summary.
+
+The unit tests run once per backend, each in its own process (Keras fixes its
+backend at import), then the integration tests; ruff checks the code first.
+
+    python tests/run_all.py                   # everything
+    python tests/run_all.py --backends jax    # one backend, no integration
+    python tests/run_all.py -- -k ghost       # extra arguments for pytest
+"""
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _pytest(name, paths, env, pytest_args, reports):
+    report = reports / f"{name}.xml"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *paths,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        *pytest_args,
+    ]
+    print(f"\n=== {name}: {' '.join(command[3:])}", flush=True)
+    start = time.monotonic()
+    code = subprocess.call(command, cwd=ROOT, env=env)
+    seconds = time.monotonic() - start
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    if report.exists():
+        suite = ElementTree.parse(report).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        total = int(suite.get("tests"))
+        failed = int(suite.get("failures")) + int(suite.get("errors"))
+        counts["skipped"] = int(suite.get("skipped"))
+        counts["failed"] = failed
+        counts["passed"] = total - failed - counts["skipped"]
+    if code != 0 and counts["failed"] == 0:
+        # pytest failed outside any test (collection, or no test ran).
+        counts["failed"] = 1
+    return name, counts, seconds
+
+
+def _lint():
+    if shutil.which("ruff") is None:
+        print("ruff is not installed: skipping the lint step", flush=True)
+        return "lint", {"passed": 0, "failed": 0, "skipped": 1}, 0.0
+    print("\n=== lint: ruff check . && ruff format --check .", flush=True)
+    start = time.monotonic()
+    ok = (
+        subprocess.call(["ruff", "check", "."], cwd=ROOT) == 0
+        and subprocess.call(["ruff", "format", "--check", "."], cwd=ROOT) == 0
+    )
+    counts = {"passed": int(ok), "failed": int(not ok), "skipped": 0}
+    return "lint", counts, time.monotonic() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated backends for the unit tests",
+    )
+    parser.add_argument(
+        "--no-integration",
+        action="store_true",
+        help="skip the integration tests",
+    )
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest")
+    args = parser.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}; use {BACKENDS}")
+    integration = not args.no_integration and backends == list(BACKENDS)
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    results = [_lint()]
+    with tempfile.TemporaryDirectory() as reports:
+        reports = pathlib.Path(reports)
+        for backend in backends:
+            results.append(
+                _pytest(
+                    backend,
+                    ["tests"],
+                    {**env, "KERAS_BACKEND": backend},
+                    args.pytest_args,
+                    reports,
+                )
+            )
+        if integration:
+            results.append(
+                _pytest(
+                    "integration",
+                    ["integration"],
+                    env,
+                    args.pytest_args,
+                    reports,
+                )
+            )
+
+    print("\n=== summary")
+    print(
+        f"{'suite':<12}{'passed':>8}{'failed':>8}{'skipped':>9}{'seconds':>9}"
+    )
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    for name, counts, seconds in results:
+        print(
+            f"{name:<12}{counts['passed']:>8}{counts['failed']:>8}"
+            f"{counts['skipped']:>9}{seconds:>9.0f}"
+        )
+        for key in totals:
+            totals[key] += counts[key]
+    print(
+        f"{totals['passed']} passed, {totals['failed']} failed, "
+        f"{totals['skipped']} skipped"
+    )
+    return 1 if totals["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
