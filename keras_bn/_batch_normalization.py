@@ -174,6 +174,8 @@ class BatchNormalization(keras.layers.Layer):
         self.virtual_batch_size = _standardize_virtual_batch_size(
             virtual_batch_size
         )
+        if self.virtual_batch_size is not None:
+            _check_batch_axis_not_in(self.axis, self.virtual_batch_size)
         if inference_statistics not in _INFERENCE_STATISTICS:
             raise ValueError(
                 "`inference_statistics` must be one of "
@@ -191,12 +193,9 @@ class BatchNormalization(keras.layers.Layer):
     def build(self, input_shape):
         ndim = len(input_shape)
         self._feature_axes = _feature_axes(self.axis, ndim)
-        if self.virtual_batch_size is not None and 0 in self._feature_axes:
-            raise ValueError(
-                "`axis` cannot include the batch axis 0 when "
-                "`virtual_batch_size` is set: ghost batches split that axis. "
-                f"Received: axis={self.axis}, "
-                f"virtual_batch_size={self.virtual_batch_size}"
+        if self.virtual_batch_size is not None:
+            _check_batch_axis_not_in(
+                self._feature_axes, self.virtual_batch_size
             )
         for axis in self._feature_axes:
             if input_shape[axis] is None:
@@ -532,6 +531,15 @@ def _feature_axes(axis, ndim):
             f"Received: axis={axis}"
         )
     return positions
+
+
+def _check_batch_axis_not_in(axes, virtual_batch_size):
+    if 0 in ([axes] if isinstance(axes, int) else axes):
+        raise ValueError(
+            "`axis` cannot include the batch axis 0 when "
+            "`virtual_batch_size` is set: ghost batches split that axis. "
+            f"Received: axis={axes}, virtual_batch_size={virtual_batch_size}"
+        )
 
 
 def _unit_interval(name, value):
