@@ -76,12 +76,15 @@ class BatchNormalization(keras.layers.Layer):
         gamma_constraint: Optional constraint for `gamma`. Defaults to
             `None`.
         synchronized: If `True`, the batch statistics cover the global batch
-            of all replicas of a `tf.distribute` strategy on TensorFlow. On
-            JAX, `keras.distribution` already computes them over the global
-            batch. On PyTorch, which has no Keras data-parallel path, it has
-            no effect in a single process and raises a `ValueError` in a
-            `torch.distributed` job of several processes. Ghost batches never
-            span replicas. Defaults to `False`.
+            of all replicas of a `tf.distribute` strategy on TensorFlow;
+            with ghost batches, each replica normalizes its own ghost batches
+            and the moving statistics average those of every replica. On
+            JAX, `keras.distribution` already computes statistics over the
+            global batch, and ghost batches are consecutive samples of that
+            global batch. On PyTorch, which has no Keras data-parallel path,
+            it has no effect in a single process and raises a `ValueError`
+            in a `torch.distributed` job of several processes. Defaults to
+            `False`.
         renorm: If `True`, use Batch Renormalization (Ioffe, 2017): during
             training the normalized values are corrected by `r` and `d` (per
             ghost batch) towards the renorm moving statistics. Adds the
@@ -309,8 +312,9 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size = self.virtual_batch_size
         batch = inputs.shape[0]
         if virtual_batch_size is not None and batch is not None:
-            if batch <= virtual_batch_size:
-                # One ghost batch is plain batch norm, which costs less.
+            # One ghost batch is plain batch norm, which costs less; not so
+            # when synchronized, where plain statistics span replicas.
+            if batch <= virtual_batch_size and not self.synchronized:
                 virtual_batch_size = None
         stats = _moments.moments(
             inputs,
@@ -395,11 +399,11 @@ class BatchNormalization(keras.layers.Layer):
             self.moving_stddev, stddev, self.momentum, keep
         )
         # The relu guards against rounding below zero, as in Keras.
+        variance = ops.relu(moving_stddev * moving_stddev - self.epsilon)
+        old = ops.cast(self.moving_variance, variance.dtype)
+        keep = ops.reshape(keep, self.moving_variance.shape)
         self.moving_variance.assign(
-            ops.cast(
-                ops.relu(moving_stddev * moving_stddev - self.epsilon),
-                self.moving_variance.dtype,
-            )
+            ops.cast(ops.where(keep, old, variance), self.moving_variance.dtype)
         )
 
     def _assign_average(self, variable, value, momentum, keep):

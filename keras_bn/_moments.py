@@ -67,8 +67,9 @@ def moments(x, axes, mask=None, virtual_batch_size=None, batch_sum=None):
         virtual_batch_size: Optional Python int. When set, every ghost batch
             of that many consecutive samples gets its own statistics.
         batch_sum: Optional function applied to whole-batch sums before they
-            are used (a cross-replica sum for synchronized statistics). Only
-            used without ghost batches, which never span replicas.
+            are used (a cross-replica sum for synchronized statistics). With
+            ghost batches, which stay within a replica, only the totals
+            behind `batch_mean`, `batch_variance` and `count` go through it.
 
     Returns:
         A `Moments` tuple. An empty (fully masked) group has mean and
@@ -114,9 +115,10 @@ def moments(x, axes, mask=None, virtual_batch_size=None, batch_sum=None):
     variance = per_sample(group_squares / safe_counts)
 
     if ghost:
-        group_sums = ops.sum(group_sums, axis=0, keepdims=True)
-        group_squares = ops.sum(group_squares, axis=0, keepdims=True)
-        group_counts = ops.sum(group_counts, axis=0, keepdims=True)
+        total = batch_sum or (lambda values: values)
+        group_sums = total(ops.sum(group_sums, axis=0, keepdims=True))
+        group_squares = total(ops.sum(group_squares, axis=0, keepdims=True))
+        group_counts = total(ops.sum(group_counts, axis=0, keepdims=True))
         safe_counts = ops.maximum(group_counts, 1)
     batch_mean = group_sums / safe_counts
     batch_variance = group_squares / safe_counts

@@ -713,13 +713,19 @@ def test_empty_ghost_batch_and_empty_batch(renorm):
         rtol=RTOL,
     )
 
-    before = [to_numpy(w) for w in layer.weights]
-    outputs = to_numpy(layer(x, training=True, mask=np.zeros((6, 3), bool)))
-    assert np.all(np.isfinite(outputs))
-    for weight, old in zip(layer.weights, before, strict=True):
-        np.testing.assert_array_equal(
-            to_numpy(weight), old, err_msg=weight.name
-        )
+    # A fresh layer too: renorm derives moving_variance from moving_stddev,
+    # which must not move it either.
+    fresh_layer = keras_bn.BatchNormalization(renorm=renorm)
+    fresh_layer.build(x.shape)
+    for fresh in (layer, fresh_layer):
+        before = [to_numpy(w) for w in fresh.weights]
+        empty = np.zeros((6, 3), bool)
+        outputs = to_numpy(fresh(x, training=True, mask=empty))
+        assert np.all(np.isfinite(outputs))
+        for weight, old in zip(fresh.weights, before, strict=True):
+            np.testing.assert_array_equal(
+                to_numpy(weight), old, err_msg=weight.name
+            )
 
 
 @pytest.mark.parametrize(

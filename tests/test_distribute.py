@@ -69,6 +69,36 @@ TWO_REPLICAS = textwrap.dedent(
     np.testing.assert_allclose(
         ours.moving_mean.numpy(), expected["mean"], rtol=1e-5, atol=1e-6
     )
+
+    # Ghost batches stay within a replica (here: one ghost batch each); the
+    # moving statistics average every replica's ghost batches.
+    with strategy.scope():
+        ghost = keras_bn.BatchNormalization(
+            synchronized=True, momentum=0.0, virtual_batch_size=4
+        )
+        ghost.build((None, 3))
+
+    @tf.function
+    def ghost_step(batch):
+        return strategy.run(
+            lambda inputs: ghost(inputs, training=True), args=(batch,)
+        )
+
+    outputs = np.concatenate(
+        [
+            t.numpy()
+            for t in strategy.experimental_local_results(ghost_step(batch))
+        ]
+    )
+    expected = reference.batch_norm(x, virtual_batch_size=4)
+    np.testing.assert_allclose(
+        outputs, expected["outputs"], rtol=1e-5, atol=1e-5
+    )
+    for name in ("moving_mean", "moving_variance"):
+        for copy in strategy.experimental_local_results(getattr(ghost, name)):
+            np.testing.assert_allclose(
+                copy.numpy(), expected[name.split("_")[1]], rtol=1e-5, atol=1e-6
+            )
     print("synchronized statistics match")
     """
 )
