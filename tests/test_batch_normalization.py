@@ -410,6 +410,17 @@ GHOST = pytest.mark.parametrize(
 )
 
 
+def _renorm_state(layer):
+    """The reference's `renorm` argument for the layer's current state."""
+    if not layer.renorm:
+        return None
+    return {
+        "mean": to_numpy(layer.renorm_mean),
+        "stddev": to_numpy(layer.renorm_stddev),
+        **(layer.renorm_clipping or {}),
+    }
+
+
 def _mask(mask_shape, seed=3):
     if mask_shape is None:
         return None
@@ -427,16 +438,10 @@ def test_ghost_batches_match_reference(kwargs, shape, mask_shape):
     moving_mean = to_numpy(layer.moving_mean)
     moving_variance = to_numpy(layer.moving_variance)
     moving_stddev = np.sqrt(moving_variance)
-    renorm_state = None
     for step in range(3):
         x = _normal(shape, seed=step, loc=2.0 * step - 1.0, scale=1.0 + step)
         mask = _mask(mask_shape, seed=step)
-        if layer.renorm:
-            renorm_state = {
-                "mean": to_numpy(layer.renorm_mean),
-                "stddev": to_numpy(layer.renorm_stddev),
-                **(layer.renorm_clipping or {}),
-            }
+        renorm_state = _renorm_state(layer)
         expected = reference.batch_norm(
             x,
             axis=axis,
@@ -499,11 +504,7 @@ def test_ghost_gradients_match_reference(kwargs, shape, mask_shape):
     if layer.renorm:
         layer.renorm_mean.assign(np.full(layer.renorm_mean.shape, 0.7))
         layer.renorm_stddev.assign(np.full(layer.renorm_stddev.shape, 1.3))
-        renorm_state = {
-            "mean": to_numpy(layer.renorm_mean),
-            "stddev": to_numpy(layer.renorm_stddev),
-            **(layer.renorm_clipping or {}),
-        }
+        renorm_state = _renorm_state(layer)
         renorm_state["corrections"] = reference.batch_norm(
             x,
             axis=axis,
