@@ -399,11 +399,10 @@ class BatchNormalization(keras.layers.Layer):
             self.moving_stddev, stddev, self.momentum, keep
         )
         # The relu guards against rounding below zero, as in Keras.
-        variance = ops.relu(moving_stddev * moving_stddev - self.epsilon)
-        old = ops.cast(self.moving_variance, variance.dtype)
-        keep = ops.reshape(keep, self.moving_variance.shape)
-        self.moving_variance.assign(
-            ops.cast(ops.where(keep, old, variance), self.moving_variance.dtype)
+        self._assign_where(
+            self.moving_variance,
+            ops.relu(moving_stddev * moving_stddev - self.epsilon),
+            keep,
         )
 
     def _assign_average(self, variable, value, momentum, keep):
@@ -411,10 +410,17 @@ class BatchNormalization(keras.layers.Layer):
         where `keep`; returns the new value."""
         value = ops.reshape(value, variable.shape)
         old = ops.cast(variable, value.dtype)
-        new = old * momentum + value * (1.0 - momentum)
-        new = ops.where(ops.reshape(keep, variable.shape), old, new)
-        variable.assign(ops.cast(new, variable.dtype))
-        return new
+        return self._assign_where(
+            variable, old * momentum + value * (1.0 - momentum), keep
+        )
+
+    def _assign_where(self, variable, value, keep):
+        """Assigns `value` to `variable` except where `keep`; returns the
+        new value."""
+        old = ops.cast(variable, value.dtype)
+        value = ops.where(ops.reshape(keep, variable.shape), old, value)
+        variable.assign(ops.cast(value, variable.dtype))
+        return value
 
     def _broadcast(self, weight, dtype):
         """A weight cast to `dtype` and shaped to broadcast with the input."""
