@@ -1,7 +1,11 @@
 """keras-bn: a drop-in, backend-agnostic batch normalization for Keras 3."""
 
 from keras_bn._batch_normalization import BatchNormalization
+from keras_bn._model_tools import convert
+from keras_bn._model_tools import fold
+from keras_bn._model_tools import recalibrate
+from keras_bn._model_tools import revert
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormalization"]
+__all__ = ["BatchNormalization", "convert", "fold", "recalibrate", "revert"]

@@ -1,0 +1,488 @@
+"""Model-level tools: recalibrate, convert, revert and fold batch norm.
+
+Each works on Sequential and functional models, nested ones included, with
+both `keras.layers.BatchNormalization` and `keras_bn.BatchNormalization`.
+`convert`, `revert` and `fold` rebuild the model with
+`keras.models.clone_model`; `recalibrate` runs it.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_bn import _moments
+from keras_bn._batch_normalization import BatchNormalization
+
+_BATCH_NORMS = (keras.layers.BatchNormalization, BatchNormalization)
+_FOLDABLE = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.DepthwiseConv2D,
+)
+# Keras's layer has exactly these arguments; keras_bn's layer adds the rest.
+_KERAS_ONLY_KEYS = ("virtual_batch_size", "inference_statistics")
+
+
+def recalibrate(model, data, steps=None, batch_size=32):
+    """Recomputes the moving statistics of every batch-norm layer ("precise
+    BN").
+
+    Moving averages lag behind the weights: after a weight average (SWA,
+    EMA), a short fine-tuning, or training with a high momentum, they no
+    longer describe what the layers see, and inference suffers. This pass
+    replaces each batch-norm layer's `moving_mean` and `moving_variance`
+    with the average of the statistics that its training branch computes
+    over `data`: the batch (or ghost-batch) means and variances, each
+    weighted by the number of elements that produced it (Wu and Johnson,
+    2021). During the pass batch-norm layers normalize with their batch
+    statistics, as in training; every other layer runs in inference mode
+    (no dropout). No trainable weight changes. With renorm, `moving_stddev`
+    follows the new variance and the renorm statistics are left alone.
+
+    The model is updated in place.
+
+    Args:
+        model: A `keras.Model` (any kind, subclassed included).
+        data: A NumPy array (split into batches of `batch_size`), a
+            `tf.data.Dataset`, a PyTorch `DataLoader`, or any iterable of
+            batches `x`, `(x, y)` or `(x, y, sample_weight)`.
+        steps: Optional number of batches to use. Defaults to all of them.
+        batch_size: Batch size for NumPy data. Defaults to `32`.
+
+    Returns:
+        The model.
+
+    Example:
+
+    >>> model.fit(x_train, y_train)  # e.g. with weight averaging
+    >>> keras_bn.recalibrate(model, x_train[:5000])
+
+    Reference:
+        - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576)
+    """
+    _check_model(model, "recalibrate")
+    layers = [layer for layer in _all_layers(model) if _is_batch_norm(layer)]
+    if not layers:
+        warnings.warn(
+            "keras_bn.recalibrate: the model has no batch-norm layer; "
+            "nothing to do.",
+            stacklevel=2,
+        )
+        return model
+    totals = {id(layer): [0.0, 0.0, 0.0] for layer in layers}
+    saved = [
+        (layer, layer.trainable, [w.numpy() for w in layer.weights])
+        for layer in layers
+    ]
+    for layer in layers:
+        layer.trainable = True
+        layer.call = _recording_call(layer, totals[id(layer)])
+    batches = 0
+    try:
+        for batch in _batches(data, batch_size):
+            if steps is not None and batches >= steps:
+                break
+            model(batch, training=False)
+            batches += 1
+    finally:
+        for layer, trainable, weights in saved:
+            del layer.call
+            layer.trainable = trainable
+            layer.set_weights(weights)
+    if batches == 0:
+        raise ValueError(
+            "keras_bn.recalibrate: `data` yielded no batch. Received: "
+            f"data={type(data).__name__}, steps={steps}"
+        )
+    for layer in layers:
+        mean_sum, variance_sum, count = totals[id(layer)]
+        keep = count == 0
+        safe = np.maximum(count, 1.0)
+        moving_mean = layer.moving_mean.numpy().reshape(-1)
+        moving_variance = layer.moving_variance.numpy().reshape(-1)
+        mean = np.where(keep, moving_mean, mean_sum / safe)
+        variance = np.where(keep, moving_variance, variance_sum / safe)
+        layer.moving_mean.assign(mean.reshape(layer.moving_mean.shape))
+        layer.moving_variance.assign(
+            variance.reshape(layer.moving_variance.shape)
+        )
+        if layer.renorm:
+            layer.moving_stddev.assign(
+                np.sqrt(variance + layer.epsilon).reshape(
+                    layer.moving_stddev.shape
+                )
+            )
+    return model
+
+
+def convert(model, **layer_kwargs):
+    """Returns a copy of `model` with keras_bn batch norm.
+
+    Every `keras.layers.BatchNormalization` becomes a
+    `keras_bn.BatchNormalization` with the same configuration and weights,
+    plus `layer_kwargs` (such as `virtual_batch_size=32`). The new model
+    predicts the same in inference and trains. The given model is not
+    modified.
+
+    Args:
+        model: A Sequential or functional `keras.Model`; nested models are
+            converted too.
+        **layer_kwargs: Arguments for every new `keras_bn.BatchNormalization`.
+
+    Returns:
+        The new model.
+
+    Example:
+
+    >>> backbone = keras.applications.ResNet50(weights=None)
+    >>> model = keras_bn.convert(backbone, virtual_batch_size=32)
+    """
+    _check_model(model, "convert")
+
+    def replace(layer):
+        if type(layer) is keras.layers.BatchNormalization:
+            return BatchNormalization.from_config(
+                {**layer.get_config(), **layer_kwargs}
+            )
+        return None
+
+    return _rebuild(model, replace, "convert")
+
+
+def revert(model):
+    """Returns a copy of `model` with Keras's own batch norm.
+
+    Every `keras_bn.BatchNormalization` becomes a
+    `keras.layers.BatchNormalization` with the same weights, so that a model
+    trained with keras-bn can be shipped without it; inference predictions
+    are unchanged. Ghost batches only act in training and are dropped, as is
+    `synchronized` on backends where Keras's layer refuses it. The given
+    model is not modified.
+
+    Args:
+        model: A Sequential or functional `keras.Model`; nested models are
+            reverted too.
+
+    Returns:
+        The new model.
+
+    Raises:
+        ValueError: for a layer whose inference Keras's layer cannot express
+            (several feature axes, `inference_statistics="batch"`).
+    """
+    _check_model(model, "revert")
+
+    def replace(layer):
+        if not isinstance(layer, BatchNormalization):
+            return None
+        axis = layer.axis
+        if isinstance(axis, list) and len(axis) == 1:
+            axis = axis[0]
+        if not isinstance(axis, int) or layer.inference_statistics != "moving":
+            raise ValueError(
+                f"keras_bn.revert: layer {layer.name!r} cannot be expressed "
+                "by keras.layers.BatchNormalization, which has one feature "
+                "axis and normalizes inference with the moving statistics. "
+                f"Received: axis={layer.axis}, "
+                f"inference_statistics={layer.inference_statistics!r}"
+            )
+        config = layer.get_config()
+        for key in _KERAS_ONLY_KEYS:
+            config.pop(key)
+        config["axis"] = axis
+        if keras.backend.backend() != "tensorflow":
+            config["synchronized"] = False
+        return keras.layers.BatchNormalization.from_config(config)
+
+    return _rebuild(model, replace, "revert")
+
+
+def fold(model):
+    """Returns an inference copy of `model` with batch norm folded away.
+
+    A batch-norm layer whose only input is a `Dense`, `Conv1D`, `Conv2D`,
+    `Conv3D` or `DepthwiseConv2D` layer with a linear activation, whose
+    output nothing else uses, is folded into that layer's kernel and bias
+    (a bias is added where there was none) and replaced by a
+    `keras.layers.Identity`. Other batch-norm layers stay as they are. The
+    folding uses the moving statistics, so the new model predicts the same
+    as the given one in inference; it is meant for inference and export, not
+    training. The given model is not modified.
+
+    Args:
+        model: A Sequential or functional `keras.Model`; nested models are
+            folded too (a pair is folded when both layers sit in the same
+            model).
+
+    Returns:
+        The new model.
+
+    Example:
+
+    >>> model = keras_bn.fold(keras.applications.ResNet50(weights=None))
+    """
+    _check_model(model, "fold")
+    producers = {}
+    for submodel in [model] + [
+        layer for layer in _all_layers(model) if isinstance(layer, keras.Model)
+    ]:
+        producers.update(_foldable_pairs(submodel))
+    producer_ids = {id(producer): bn for bn, producer in producers.values()}
+
+    def replace(layer):
+        if id(layer) in producers:
+            return keras.layers.Identity(name=layer.name)
+        if id(layer) in producer_ids:
+            config = {**layer.get_config(), "use_bias": True}
+            return layer.__class__.from_config(config)
+        return None
+
+    def weights_of(layer):
+        if id(layer) in producers:
+            return []
+        if id(layer) in producer_ids:
+            return _folded_weights(layer, producer_ids[id(layer)])
+        return None
+
+    return _rebuild(model, replace, "fold", weights_of=weights_of)
+
+
+def _check_model(model, name):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"keras_bn.{name} expects a keras.Model. Received: "
+            f"model={model!r} of type {type(model).__name__}"
+        )
+
+
+def _is_batch_norm(layer):
+    return isinstance(layer, _BATCH_NORMS)
+
+
+def _all_layers(model):
+    """Every layer of `model`, nested models' layers included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _rebuild(model, replace, name, weights_of=None):
+    """Clones `model`, replacing the layers for which `replace` returns a
+    layer, and copies every weight (or `weights_of(layer)` where it returns
+    weights)."""
+    if not any(_is_batch_norm(layer) for layer in _all_layers(model)):
+        warnings.warn(
+            f"keras_bn.{name}: the model has no batch-norm layer; returning "
+            "an unchanged copy.",
+            stacklevel=3,
+        )
+    pairs = []
+
+    def clone(layer):
+        new = replace(layer)
+        if new is None:
+            _check_no_hidden_batch_norm(layer, name)
+            new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new))
+        return new
+
+    try:
+        rebuilt = keras.models.clone_model(
+            model, clone_function=clone, recursive=True
+        )
+    except ValueError as error:
+        if "only supported for Sequential" not in str(error):
+            raise
+        raise ValueError(
+            f"keras_bn.{name} supports Sequential and functional models "
+            "(nested ones included), which it can rebuild layer by layer. "
+            f"Received: a subclassed model of type {type(model).__name__}"
+        ) from error
+    for layer, new in pairs:
+        weights = weights_of(layer) if weights_of else None
+        if weights is None:
+            weights = layer.get_weights()
+        new.set_weights(weights)
+    return rebuilt
+
+
+def _check_no_hidden_batch_norm(layer, name):
+    """A custom layer holding batch norm inside would be copied with its
+    batch norm untouched: refuse rather than return a partial result."""
+    if isinstance(layer, keras.Model):
+        return
+    if any(
+        weight.path.endswith(("moving_mean", "moving_variance"))
+        for weight in layer.weights
+    ):
+        raise ValueError(
+            f"keras_bn.{name}: layer {layer.name!r} of type "
+            f"{type(layer).__name__} holds batch-norm weights inside it, "
+            "which cannot be rebuilt. Supported: batch-norm layers used "
+            "directly in Sequential and functional models."
+        )
+
+
+def _foldable_pairs(model):
+    """Maps `id(bn)` to `(bn, producer)` for the batch-norm layers of
+    `model` (not of its nested models) that fold into their producer."""
+    if isinstance(model, keras.Sequential):
+        layers = model.layers
+        candidates = zip(layers[1:], layers[:-1], strict=False)
+        return {
+            id(bn): (bn, producer)
+            for bn, producer in candidates
+            if _is_batch_norm(bn) and _can_fold(bn, producer)
+        }
+    config = model.get_config()
+    if "layers" not in config:
+        return {}
+    consumers = {}
+    sources = {}
+    for entry in config["layers"]:
+        nodes = entry.get("inbound_nodes", [])
+        histories = [h for node in nodes for h in _keras_histories(node)]
+        for history in histories:
+            consumers[history[0]] = consumers.get(history[0], 0) + 1
+        if len(nodes) == 1 and len(histories) == 1:
+            sources[entry["name"]] = histories[0][0]
+        calls = consumers.setdefault(("calls", entry["name"]), 0)
+        consumers[("calls", entry["name"])] = calls + len(nodes)
+    for output in config.get("output_layers", []):
+        consumers[output[0]] = consumers.get(output[0], 0) + 1
+    pairs = {}
+    for layer in model.layers:
+        if not _is_batch_norm(layer) or layer.name not in sources:
+            continue
+        producer_name = sources[layer.name]
+        if (
+            consumers.get(producer_name) != 1
+            or consumers.get(("calls", producer_name)) != 1
+        ):
+            continue
+        producer = model.get_layer(producer_name)
+        if _can_fold(layer, producer):
+            pairs[id(layer)] = (layer, producer)
+    return pairs
+
+
+def _keras_histories(structure):
+    """The `keras_history` entries of the tensors in a node's config."""
+    if isinstance(structure, dict):
+        if structure.get("class_name") == "__keras_tensor__":
+            return [structure["config"]["keras_history"]]
+        return [
+            h for value in structure.values() for h in _keras_histories(value)
+        ]
+    if isinstance(structure, (list, tuple)):
+        return [h for value in structure for h in _keras_histories(value)]
+    return []
+
+
+def _can_fold(bn, producer):
+    if not isinstance(producer, _FOLDABLE):
+        return False
+    if keras.activations.serialize(producer.activation) != "linear":
+        return False
+    if getattr(bn, "inference_statistics", "moving") != "moving":
+        return False
+    axis = bn.axis
+    if isinstance(axis, list):
+        if len(axis) != 1:
+            return False
+        axis = axis[0]
+    rank = len(producer.output.shape)
+    channels_first = getattr(producer, "data_format", None) == "channels_first"
+    channel_axis = 1 if channels_first else rank - 1
+    return axis % rank == channel_axis
+
+
+def _folded_weights(producer, bn):
+    """The kernel and bias of `producer` with `bn`'s inference transform
+    folded in, computed in float64."""
+    mean = bn.moving_mean.numpy().astype("float64")
+    variance = bn.moving_variance.numpy().astype("float64")
+    multiplier = 1.0 / np.sqrt(variance + bn.epsilon)
+    if bn.scale:
+        multiplier = multiplier * bn.gamma.numpy().astype("float64")
+    offset = -mean * multiplier
+    if bn.center:
+        offset = offset + bn.beta.numpy().astype("float64")
+    weights = producer.get_weights()
+    kernel = weights[0].astype("float64")
+    bias = (
+        weights[1].astype("float64")
+        if producer.use_bias
+        else np.zeros(multiplier.shape)
+    )
+    if isinstance(producer, keras.layers.DepthwiseConv2D):
+        # Output channel c * depth_multiplier + m comes from kernel[..., c, m].
+        kernel = kernel * multiplier.reshape(kernel.shape[-2:])
+    else:
+        kernel = kernel * multiplier
+    dtype = weights[0].dtype
+    return [
+        kernel.astype(dtype),
+        (bias * multiplier + offset).astype(dtype),
+    ]
+
+
+def _recording_call(layer, totals):
+    """A `call` for `layer` that normalizes as in training and adds the
+    count-weighted batch statistics to `totals` (sums of mean * count and
+    variance * count, and the count)."""
+    original = layer.call
+    if isinstance(layer, BatchNormalization):
+        axes = layer._reduction_axes
+        virtual_batch_size = layer.virtual_batch_size
+    else:
+        axes = None
+        virtual_batch_size = None
+
+    def call(inputs, training=None, mask=None):
+        x = ops.cast(inputs, "float32")
+        if isinstance(layer, BatchNormalization):
+            batch_mask = layer._standardize_mask(mask, inputs)
+        else:
+            batch_mask = (
+                None
+                if mask is None
+                else ops.expand_dims(ops.cast(mask, "bool"), -1)
+            )
+        reduction_axes = axes or [
+            a for a in range(x.ndim) if a != layer.axis % x.ndim
+        ]
+        stats = _moments.moments(
+            x, reduction_axes, batch_mask, virtual_batch_size
+        )
+        count = ops.convert_to_numpy(
+            ops.broadcast_to(stats.count, ops.shape(stats.batch_mean))
+        ).reshape(-1)
+        mean = ops.convert_to_numpy(stats.batch_mean).reshape(-1)
+        variance = ops.convert_to_numpy(stats.batch_variance).reshape(-1)
+        # A channel whose statistics are not finite in this batch (NaN or
+        # inf in it) leaves this batch out, as in training.
+        count = np.where(np.isfinite(mean) & np.isfinite(variance), count, 0)
+        totals[0] = totals[0] + np.where(count > 0, mean, 0.0) * count
+        totals[1] = totals[1] + np.where(count > 0, variance, 0.0) * count
+        totals[2] = totals[2] + count
+        return original(inputs, training=True, mask=mask)
+
+    return call
+
+
+def _batches(data, batch_size):
+    """Yields the model inputs `x` of each batch of `data`."""
+    if isinstance(data, np.ndarray):
+        for start in range(0, len(data), batch_size):
+            yield data[start : start + batch_size]
+        return
+    for batch in data:
+        if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+            batch = batch[0]
+        yield keras.tree.map_structure(np.asarray, batch)
