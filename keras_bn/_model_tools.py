@@ -207,11 +207,11 @@ def fold(model):
     A batch-norm layer whose only input is a `Dense`, `Conv1D`, `Conv2D`,
     `Conv3D` or `DepthwiseConv2D` layer with a linear activation, whose
     output nothing else uses, is folded into that layer's kernel and bias
-    (a bias is added where there was none) and replaced by a
-    `keras.layers.Identity`. Other batch-norm layers stay as they are. The
-    folding uses the moving statistics, so the new model predicts the same
-    as the given one in inference; it is meant for inference and export, not
-    training. The given model is not modified.
+    (a bias is added where there was none) and removed (in a Sequential
+    model, replaced by a `keras.layers.Identity`). Other batch-norm layers
+    stay as they are. The folding uses the moving statistics, so the new
+    model predicts the same as the given one in inference; it is meant for
+    inference and export, not training. The given model is not modified.
 
     Args:
         model: A Sequential or functional `keras.Model`; nested models are
@@ -233,9 +233,13 @@ def fold(model):
         producers.update(_foldable_pairs(submodel))
     producer_ids = {id(producer): bn for bn, producer in producers.values()}
 
+    removed = set()
+
     def replace(layer):
         if id(layer) in producers:
-            return keras.layers.Identity(name=layer.name)
+            identity = keras.layers.Identity(name=layer.name)
+            removed.add(id(identity))
+            return identity
         if id(layer) in producer_ids:
             config = {**layer.get_config(), "use_bias": True}
             return layer.__class__.from_config(config)
@@ -248,7 +252,16 @@ def fold(model):
             return _folded_weights(layer, producer_ids[id(layer)])
         return None
 
-    return _rebuild(model, replace, "fold", weights_of=weights_of)
+    def call(layer, inputs, *args, **kwargs):
+        # In functional models the folded layer leaves the graph; Sequential
+        # models keep it as an Identity.
+        if id(layer) in removed:
+            return inputs
+        return layer(inputs, *args, **kwargs)
+
+    return _rebuild(
+        model, replace, "fold", weights_of=weights_of, call_function=call
+    )
 
 
 def _check_model(model, name):
@@ -271,7 +284,7 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def _rebuild(model, replace, name, weights_of=None):
+def _rebuild(model, replace, name, weights_of=None, call_function=None):
     """Clones `model`, replacing the layers for which `replace` returns a
     layer, and copies every weight (or `weights_of(layer)` where it returns
     weights)."""
@@ -293,7 +306,12 @@ def _rebuild(model, replace, name, weights_of=None):
 
     try:
         rebuilt = keras.models.clone_model(
-            model, clone_function=clone, recursive=True
+            model,
+            clone_function=clone,
+            call_function=None
+            if isinstance(model, keras.Sequential)
+            else call_function,
+            recursive=True,
         )
     except ValueError as error:
         if "only supported for Sequential" not in str(error):
@@ -314,7 +332,7 @@ def _rebuild(model, replace, name, weights_of=None):
 def _check_no_hidden_batch_norm(layer, name):
     """A custom layer holding batch norm inside would be copied with its
     batch norm untouched: refuse rather than return a partial result."""
-    if isinstance(layer, keras.Model):
+    if isinstance(layer, keras.Model) or _is_batch_norm(layer):
         return
     if any(
         weight.path.endswith(("moving_mean", "moving_variance"))
@@ -353,7 +371,10 @@ def _foldable_pairs(model):
             sources[entry["name"]] = histories[0][0]
         calls = consumers.setdefault(("calls", entry["name"]), 0)
         consumers[("calls", entry["name"])] = calls + len(nodes)
-    for output in config.get("output_layers", []):
+    outputs = config.get("output_layers", [])
+    if outputs and isinstance(outputs[0], str):
+        outputs = [outputs]  # A single output is saved unwrapped.
+    for output in outputs:
         consumers[output[0]] = consumers.get(output[0], 0) + 1
     pairs = {}
     for layer in model.layers:

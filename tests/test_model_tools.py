@@ -1,0 +1,570 @@
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import keras_bn
+from tests import reference
+from tests.backend import to_numpy
+
+BATCH_NORMS = {
+    "keras": keras.layers.BatchNormalization,
+    "keras_bn": keras_bn.BatchNormalization,
+}
+BN_KINDS = pytest.mark.parametrize(
+    "bn_cls", list(BATCH_NORMS.values()), ids=list(BATCH_NORMS)
+)
+
+
+def _normal(shape, seed=0, loc=0.0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (loc + scale * rng.normal(size=shape)).astype("float32")
+
+
+def _weights(model):
+    return [to_numpy(w) for w in model.weights]
+
+
+def _assert_unchanged(model, weights):
+    for weight, old in zip(model.weights, weights, strict=True):
+        np.testing.assert_array_equal(
+            to_numpy(weight), old, err_msg=weight.path
+        )
+
+
+def _conv_net(bn_cls, seed=0):
+    """A functional net with every foldable producer and a nested model."""
+    keras.utils.set_random_seed(seed)
+    inner_inputs = keras.Input((6, 6, 4))
+    inner = keras.layers.Conv2D(4, 3, padding="same")(inner_inputs)
+    inner = bn_cls()(inner)
+    backbone = keras.Model(inner_inputs, inner, name="backbone")
+
+    inputs = keras.Input((6, 6, 3))
+    hidden = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)
+    hidden = bn_cls()(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    hidden = backbone(hidden)
+    hidden = keras.layers.DepthwiseConv2D(3, depth_multiplier=2)(hidden)
+    hidden = bn_cls()(hidden)
+    branch = keras.layers.Conv2D(8, 1)(hidden)
+    # Used twice: cannot fold.
+    hidden = keras.layers.Add()([branch, bn_cls()(branch)])
+    # Follows an activation: cannot fold.
+    hidden = keras.layers.Conv2D(3, 1, activation="relu")(hidden)
+    hidden = bn_cls()(hidden)
+    hidden = keras.layers.Flatten()(hidden)
+    hidden = keras.layers.Dense(5)(hidden)
+    outputs = bn_cls()(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def _trained(model, x, epochs=2):
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    output_shape = model.compute_output_shape((None,) + x.shape[1:])
+    y = np.zeros((len(x),) + tuple(output_shape[1:]), "float32")
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0)
+    return model
+
+
+def _batch_norms(model):
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layers += _batch_norms(layer)
+        elif isinstance(
+            layer,
+            (keras.layers.BatchNormalization, keras_bn.BatchNormalization),
+        ):
+            layers.append(layer)
+    return layers
+
+
+# ---------------------------------------------------------------------------
+# recalibrate
+
+
+def _reference_statistics(x, batch_size, **kwargs):
+    """The count-weighted average of the batch statistics over the
+    batches, in float64."""
+    totals = [0.0, 0.0, 0.0]
+    for start in range(0, len(x), batch_size):
+        stats = reference.batch_norm(x[start : start + batch_size], **kwargs)
+        totals[0] = totals[0] + stats["mean"] * stats["count"]
+        totals[1] = totals[1] + stats["variance"] * stats["count"]
+        totals[2] = totals[2] + stats["count"]
+    return totals[0] / totals[2], totals[1] / totals[2]
+
+
+RECALIBRATE_CASES = {
+    "keras": (keras.layers.BatchNormalization, {}),
+    "plain": (keras_bn.BatchNormalization, {}),
+    "ghost_ragged": (keras_bn.BatchNormalization, {"virtual_batch_size": 3}),
+    "renorm": (keras_bn.BatchNormalization, {"renorm": True}),
+    "channels_first": (keras_bn.BatchNormalization, {"axis": 1}),
+}
+
+
+@pytest.mark.parametrize(
+    "bn_cls,kwargs",
+    list(RECALIBRATE_CASES.values()),
+    ids=list(RECALIBRATE_CASES),
+)
+def test_recalibrate_one_layer_equals_weighted_averages(bn_cls, kwargs):
+    x = _normal((23, 3, 4), loc=2.0, scale=3.0)
+    layer = bn_cls(**kwargs)
+    model = keras.Sequential([keras.Input((3, 4)), layer])
+    trainable = [to_numpy(w) for w in model.trainable_weights]
+    returned = keras_bn.recalibrate(model, x, batch_size=5)
+    assert returned is model
+    mean, variance = _reference_statistics(
+        x,
+        5,
+        axis=kwargs.get("axis", -1),
+        virtual_batch_size=kwargs.get("virtual_batch_size"),
+    )
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=1e-5
+    )
+    if layer.renorm:
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_stddev),
+            np.sqrt(variance + layer.epsilon),
+            rtol=1e-5,
+        )
+        np.testing.assert_array_equal(to_numpy(layer.renorm_mean), 0.0)
+    for weight, old in zip(model.trainable_weights, trainable, strict=True):
+        np.testing.assert_array_equal(to_numpy(weight), old)
+
+
+def test_recalibrate_masked_sequence_weights_by_elements():
+    """Batches with different numbers of unmasked elements count in
+    proportion to them, not to the number of batches."""
+    inputs = keras.Input((5,), dtype="int32")
+    hidden = keras.layers.Embedding(20, 3, mask_zero=True)(inputs)
+    layer = keras_bn.BatchNormalization(virtual_batch_size=2)
+    model = keras.Model(inputs, layer(hidden))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 20, (8, 5))
+    tokens[:4, 1:] = 0  # The first batch has far fewer elements.
+    keras_bn.recalibrate(model, tokens, batch_size=4)
+    embedded = to_numpy(model.layers[1](tokens))
+    mask = tokens != 0
+    totals = [0.0, 0.0, 0.0]
+    for start in (0, 4):
+        stats = reference.batch_norm(
+            embedded[start : start + 4],
+            mask=mask[start : start + 4],
+            virtual_batch_size=2,
+        )
+        totals[0] = totals[0] + stats["mean"] * stats["count"]
+        totals[1] = totals[1] + stats["variance"] * stats["count"]
+        totals[2] = totals[2] + stats["count"]
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), totals[0] / totals[2], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), totals[1] / totals[2], rtol=1e-5
+    )
+
+
+def _data_sources(x, batch_size):
+    y = np.zeros(len(x), "float32")
+    sources = {
+        "list_of_x": [
+            x[i : i + batch_size] for i in range(0, len(x), batch_size)
+        ],
+        "generator_of_pairs": (
+            (x[i : i + batch_size], y[i : i + batch_size])
+            for i in range(0, len(x), batch_size)
+        ),
+        "triples": [
+            (
+                x[i : i + batch_size],
+                y[i : i + batch_size],
+                y[i : i + batch_size],
+            )
+            for i in range(0, len(x), batch_size)
+        ],
+    }
+    import tensorflow as tf
+
+    sources["tf_data"] = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        batch_size
+    )
+    import torch.utils.data
+
+    sources["torch_data_loader"] = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(
+            torch.from_numpy(x), torch.from_numpy(y)
+        ),
+        batch_size=batch_size,
+    )
+    return sources
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "list_of_x",
+        "generator_of_pairs",
+        "triples",
+        "tf_data",
+        "torch_data_loader",
+    ],
+)
+def test_recalibrate_data_sources(source):
+    x = _normal((22, 4), loc=1.0, scale=2.0)
+    layer = keras_bn.BatchNormalization(virtual_batch_size=4)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    keras_bn.recalibrate(model, _data_sources(x, 6)[source])
+    mean, variance = _reference_statistics(x, 6, virtual_batch_size=4)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=1e-5
+    )
+
+
+def test_recalibrate_steps_and_inference_mode_elsewhere():
+    """`steps` limits the batches; dropout stays off during the pass."""
+    x = _normal((40, 4), loc=1.0, scale=2.0)
+    layer = keras.layers.BatchNormalization()
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dropout(0.5), layer]
+    )
+    keras_bn.recalibrate(model, x, steps=2, batch_size=10)
+    mean, variance = _reference_statistics(x[:20], 10)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=1e-5
+    )
+
+
+def test_recalibrate_nested_and_frozen():
+    x = _normal((16, 6, 6, 3), loc=1.0)
+    model = _trained(_conv_net(keras_bn.BatchNormalization), x)
+    model.trainable = False
+    keras_bn.recalibrate(model, x, batch_size=8)
+    assert model.trainable is False
+    assert all(not layer.trainable for layer in _batch_norms(model))
+    # The first batch norm sees the first convolution's outputs.
+    conv, first = model.layers[1], model.layers[2]
+    mean, variance = _reference_statistics(to_numpy(conv(x)), 8)
+    np.testing.assert_allclose(to_numpy(first.moving_mean), mean, rtol=1e-4)
+    np.testing.assert_allclose(
+        to_numpy(first.moving_variance), variance, rtol=1e-4
+    )
+
+
+def test_recalibrate_repairs_stale_statistics():
+    """After a short training with momentum 0.999 the moving statistics are
+    still near their initial values and inference fails; recalibrating
+    restores the accuracy that training reached."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 3.0
+    labels = rng.integers(0, 4, 600)
+    x = (centers[labels] + rng.normal(size=(600, 8)) + 20.0).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(32),
+            keras_bn.BatchNormalization(momentum=0.999),
+            keras.layers.ReLU(),
+            keras.layers.Dense(4, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(x[:500], labels[:500], batch_size=50, epochs=3, verbose=0)
+    _, stale = model.evaluate(x[500:], labels[500:], verbose=0)
+    keras_bn.recalibrate(model, x[:500], batch_size=50)
+    _, recalibrated = model.evaluate(x[500:], labels[500:], verbose=0)
+    print(f"stale accuracy {stale:.3f}, recalibrated {recalibrated:.3f}")
+    assert stale < 0.6
+    assert recalibrated > 0.9
+
+
+def test_recalibrate_bad_input():
+    model = keras.Sequential([keras.Input((3,)), keras_bn.BatchNormalization()])
+    with pytest.raises(ValueError, match="yielded no batch"):
+        keras_bn.recalibrate(model, [])
+    with pytest.raises(ValueError, match="yielded no batch"):
+        keras_bn.recalibrate(model, np.zeros((0, 3), "float32"))
+    with pytest.raises(TypeError, match="expects a keras.Model"):
+        keras_bn.recalibrate(model.layers[0], np.zeros((4, 3)))
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    weights = _weights(plain)
+    with pytest.warns(UserWarning, match="no batch-norm layer"):
+        assert keras_bn.recalibrate(plain, np.ones((4, 3))) is plain
+    _assert_unchanged(plain, weights)
+
+
+# ---------------------------------------------------------------------------
+# convert and revert
+
+
+def test_convert_and_revert_round_trip(tmp_path):
+    x = _normal((16, 6, 6, 3), loc=1.0)
+    original = _trained(_conv_net(keras.layers.BatchNormalization), x)
+    weights = _weights(original)
+    expected = to_numpy(original(x))
+
+    converted = keras_bn.convert(original, virtual_batch_size=4)
+    _assert_unchanged(original, weights)
+    assert all(
+        type(layer) is keras.layers.BatchNormalization
+        for layer in _batch_norms(original)
+    )
+    layers = _batch_norms(converted)
+    assert len(layers) == 6
+    assert all(type(layer) is keras_bn.BatchNormalization for layer in layers)
+    assert all(layer.virtual_batch_size == 4 for layer in layers)
+    np.testing.assert_allclose(
+        to_numpy(converted(x)), expected, rtol=1e-6, atol=1e-6
+    )
+    # The converted model trains (with ghost batches of 4).
+    before = _weights(converted)
+    _trained(converted, x, epochs=1)
+    assert not all(
+        np.array_equal(to_numpy(w), old)
+        for w, old in zip(converted.weights, before, strict=True)
+    )
+
+    reverted = keras_bn.revert(converted)
+    assert all(
+        type(layer) is keras.layers.BatchNormalization
+        for layer in _batch_norms(reverted)
+    )
+    np.testing.assert_allclose(
+        to_numpy(reverted(x)), to_numpy(converted(x)), rtol=1e-6, atol=1e-6
+    )
+    path = tmp_path / "reverted.keras"
+    reverted.save(str(path))
+    with zipfile.ZipFile(path) as archive:
+        assert "keras_bn" not in archive.read("config.json").decode()
+
+
+def test_convert_sequential_with_nested_backbone():
+    x = _normal((8, 6, 6, 3))
+    keras.utils.set_random_seed(1)
+    backbone = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+        ]
+    )
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), backbone, keras.layers.Flatten()]
+    )
+    _trained(model, x)
+    converted = keras_bn.convert(model, momentum=0.5)
+    inner = converted.layers[0].layers[-1]
+    assert type(inner) is keras_bn.BatchNormalization
+    assert inner.momentum == 0.5
+    np.testing.assert_allclose(
+        to_numpy(converted(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "application", ["ResNet50", "MobileNetV2", "EfficientNetB0"]
+)
+def test_convert_applications(application):
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, application)(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    )
+    x = _normal((2, 32, 32, 3), scale=50.0)
+    converted = keras_bn.convert(model, virtual_batch_size=8)
+    assert not any(
+        type(layer) is keras.layers.BatchNormalization
+        for layer in _batch_norms(converted)
+    )
+    assert len(_batch_norms(converted)) == len(_batch_norms(model))
+    np.testing.assert_allclose(
+        to_numpy(converted(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"axis": [1, 2]}, {"inference_statistics": "batch"}],
+    ids=["several_axes", "batch_statistics"],
+)
+def test_revert_refuses_what_keras_cannot_express(kwargs):
+    model = keras.Sequential(
+        [keras.Input((3, 4)), keras_bn.BatchNormalization(name="odd", **kwargs)]
+    )
+    with pytest.raises(ValueError, match="layer 'odd'"):
+        keras_bn.revert(model)
+
+
+def test_revert_single_axis_list():
+    model = keras.Sequential(
+        [keras.Input((3, 4)), keras_bn.BatchNormalization(axis=[1])]
+    )
+    x = _normal((5, 3, 4), loc=1.0)
+    model.layers[0](x, training=True)
+    reverted = keras_bn.revert(model)
+    assert reverted.layers[0].axis == 1
+    np.testing.assert_allclose(
+        to_numpy(reverted(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------
+# fold
+
+
+@BN_KINDS
+def test_fold_functional(bn_cls, tmp_path):
+    x = _normal((16, 6, 6, 3), loc=1.0)
+    model = _trained(_conv_net(bn_cls), x)
+    weights = _weights(model)
+    folded = keras_bn.fold(model)
+    _assert_unchanged(model, weights)
+    # Folded: the first conv (no bias), the nested conv, the depthwise conv,
+    # and the dense layer. Kept: after an activation, and a used branch.
+    assert len(_batch_norms(folded)) == 2
+    assert folded.layers[1].use_bias
+    expected = to_numpy(model(x))
+    np.testing.assert_allclose(
+        to_numpy(folded(x)), expected, rtol=1e-4, atol=1e-5
+    )
+    path = str(tmp_path / "folded.keras")
+    folded.save(path)
+    np.testing.assert_allclose(
+        to_numpy(keras.models.load_model(path)(x)),
+        expected,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "producer,shape",
+    [
+        (lambda: keras.layers.Dense(4), (4, 5)),
+        (lambda: keras.layers.Conv1D(4, 2), (4, 6, 3)),
+        (
+            lambda: keras.layers.Conv2D(4, 2, data_format="channels_first"),
+            (4, 3, 6, 7),
+        ),
+        (lambda: keras.layers.Conv3D(4, 2, use_bias=False), (4, 4, 4, 4, 2)),
+        (
+            lambda: keras.layers.DepthwiseConv2D(2, depth_multiplier=3),
+            (4, 5, 5, 2),
+        ),
+    ],
+    ids=["dense", "conv1d", "conv2d_channels_first", "conv3d", "depthwise"],
+)
+def test_fold_sequential(producer, shape):
+    # Channels-first shapes whose width differs from the number of filters:
+    # on TensorFlow, Keras's channels-first Conv2D adds its bias along the
+    # last axis when the output width equals the number of filters.
+    x = _normal(shape, loc=1.0)
+    layer = producer()
+    axis = 1 if getattr(layer, "data_format", None) == "channels_first" else -1
+    model = keras.Sequential(
+        [
+            keras.Input(shape[1:]),
+            layer,
+            keras_bn.BatchNormalization(axis=axis, momentum=0.5),
+        ]
+    )
+    for _ in range(3):
+        model.layers[1](model.layers[0](x), training=True)
+    for weight in model.layers[1].trainable_weights:
+        weight.assign(np.random.default_rng(2).uniform(0.5, 2, weight.shape))
+    folded = keras_bn.fold(model)
+    assert _batch_norms(folded) == []
+    np.testing.assert_allclose(
+        to_numpy(folded(x)), to_numpy(model(x)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_fold_resnet50_removes_every_batch_norm():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    )
+    x = _normal((2, 32, 32, 3), scale=50.0)
+    folded = keras_bn.fold(model)
+    assert _batch_norms(model)
+    assert _batch_norms(folded) == []
+    np.testing.assert_allclose(
+        to_numpy(folded(x)), to_numpy(model(x)), rtol=1e-4, atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------
+# What cannot be rebuilt.
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, inputs):
+        return self.norm(self.dense(inputs))
+
+
+class _Block(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, inputs):
+        return self.norm(inputs)
+
+
+@pytest.mark.parametrize("tool", ["convert", "revert", "fold"])
+def test_tools_refuse_what_they_cannot_rebuild(tool):
+    subclassed = _Subclassed()
+    subclassed(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="supports Sequential and functional"):
+        getattr(keras_bn, tool)(subclassed)
+
+    inputs = keras.Input((4,))
+    hidden = _Block(name="block")(inputs)
+    model = keras.Model(inputs, keras_bn.BatchNormalization()(hidden))
+    with pytest.raises(ValueError, match="layer 'block'"):
+        getattr(keras_bn, tool)(model)
+
+    with pytest.raises(TypeError, match="expects a keras.Model"):
+        getattr(keras_bn, tool)(keras.layers.Dense(3))
+
+
+@pytest.mark.parametrize("tool", ["convert", "revert", "fold"])
+def test_tools_warn_without_batch_norm(tool):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    x = _normal((4, 3))
+    with pytest.warns(UserWarning, match="no batch-norm layer"):
+        result = getattr(keras_bn, tool)(model)
+    np.testing.assert_array_equal(to_numpy(result(x)), to_numpy(model(x)))
+
+
+def test_recalibrate_works_on_subclassed_models():
+    model = _Subclassed()
+    x = _normal((12, 4), loc=1.0)
+    model(x)
+    keras_bn.recalibrate(model, x, batch_size=6)
+    dense = to_numpy(model.dense(x))
+    mean, variance = _reference_statistics(dense, 6)
+    np.testing.assert_allclose(
+        to_numpy(model.norm.moving_mean), mean, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        to_numpy(model.norm.moving_variance), variance, rtol=1e-5
+    )
+    json.dumps(model.norm.get_config())
