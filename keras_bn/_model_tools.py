@@ -296,7 +296,30 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
         )
     pairs = []
 
+    def clone_model(model):
+        # Nested models are cloned here rather than with
+        # `clone_model(recursive=True)`, which drops `call_function` for
+        # functional models nested in a Sequential one.
+        sequential = isinstance(model, keras.Sequential)
+        try:
+            return keras.models.clone_model(
+                model,
+                clone_function=clone,
+                call_function=None if sequential else call_function,
+            )
+        except ValueError as error:
+            if "only supported for Sequential" not in str(error):
+                raise
+            raise ValueError(
+                f"keras_bn.{name} supports Sequential and functional models "
+                "(nested ones included), which it can rebuild layer by "
+                f"layer. Received: model {model.name!r}, a subclassed model "
+                f"of type {type(model).__name__}"
+            ) from error
+
     def clone(layer):
+        if isinstance(layer, keras.Model):
+            return clone_model(layer)
         new = replace(layer)
         if new is None:
             _check_no_hidden_batch_norm(layer, name)
@@ -304,23 +327,7 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
         pairs.append((layer, new))
         return new
 
-    try:
-        rebuilt = keras.models.clone_model(
-            model,
-            clone_function=clone,
-            call_function=None
-            if isinstance(model, keras.Sequential)
-            else call_function,
-            recursive=True,
-        )
-    except ValueError as error:
-        if "only supported for Sequential" not in str(error):
-            raise
-        raise ValueError(
-            f"keras_bn.{name} supports Sequential and functional models "
-            "(nested ones included), which it can rebuild layer by layer. "
-            f"Received: a subclassed model of type {type(model).__name__}"
-        ) from error
+    rebuilt = clone_model(model)
     for layer, new in pairs:
         weights = weights_of(layer) if weights_of else None
         if weights is None:
@@ -332,7 +339,7 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
 def _check_no_hidden_batch_norm(layer, name):
     """A custom layer holding batch norm inside would be copied with its
     batch norm untouched: refuse rather than return a partial result."""
-    if isinstance(layer, keras.Model) or _is_batch_norm(layer):
+    if _is_batch_norm(layer):
         return
     if any(
         weight.path.endswith(("moving_mean", "moving_variance"))

@@ -337,7 +337,9 @@ def test_convert_and_revert_round_trip(tmp_path):
         for w, old in zip(converted.weights, before, strict=True)
     )
 
+    converted_weights = _weights(converted)
     reverted = keras_bn.revert(converted)
+    _assert_unchanged(converted, converted_weights)
     assert all(
         type(layer) is keras.layers.BatchNormalization
         for layer in _batch_norms(reverted)
@@ -391,6 +393,38 @@ def test_convert_applications(application):
     assert len(_batch_norms(converted)) == len(_batch_norms(model))
     np.testing.assert_allclose(
         to_numpy(converted(x)), to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_tools_on_an_application_inside_a_sequential():
+    keras.utils.set_random_seed(0)
+    backbone = keras.applications.MobileNetV2(
+        weights=None, include_top=False, input_shape=(32, 32, 3)
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            backbone,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    x = _normal((2, 32, 32, 3), scale=50.0)
+    expected = to_numpy(model(x))
+    converted = keras_bn.convert(model, virtual_batch_size=8)
+    assert all(
+        type(layer) is keras_bn.BatchNormalization
+        for layer in _batch_norms(converted)
+    )
+    np.testing.assert_allclose(
+        to_numpy(converted(x)), expected, rtol=1e-6, atol=1e-6
+    )
+    data = _normal((8, 32, 32, 3), seed=1, scale=50.0)
+    keras_bn.recalibrate(converted, data, batch_size=4)
+    folded = keras_bn.fold(converted)
+    assert _batch_norms(folded) == []
+    np.testing.assert_allclose(
+        to_numpy(folded(x)), to_numpy(converted(x)), rtol=1e-4, atol=1e-4
     )
 
 
@@ -466,7 +500,7 @@ def test_fold_functional(bn_cls, tmp_path):
     ],
     ids=["dense", "conv1d", "conv2d_channels_first", "conv3d", "depthwise"],
 )
-def test_fold_sequential(producer, shape):
+def test_fold_sequential(producer, shape, tmp_path):
     # Channels-first shapes whose width differs from the number of filters:
     # on TensorFlow, Keras's channels-first Conv2D adds its bias along the
     # last axis when the output width equals the number of filters.
@@ -488,6 +522,16 @@ def test_fold_sequential(producer, shape):
     assert _batch_norms(folded) == []
     np.testing.assert_allclose(
         to_numpy(folded(x)), to_numpy(model(x)), rtol=1e-4, atol=1e-5
+    )
+    path = tmp_path / "folded.keras"
+    folded.save(str(path))
+    with zipfile.ZipFile(path) as archive:
+        assert "keras_bn" not in archive.read("config.json").decode()
+    np.testing.assert_allclose(
+        to_numpy(keras.models.load_model(str(path))(x)),
+        to_numpy(folded(x)),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 
