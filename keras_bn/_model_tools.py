@@ -47,11 +47,16 @@ def recalibrate(model, data, steps=None, batch_size=32):
 
     Args:
         model: A `keras.Model` (any kind, subclassed included).
-        data: A NumPy array (split into batches of `batch_size`), a
-            `tf.data.Dataset`, a PyTorch `DataLoader`, or any iterable of
-            batches `x`, `(x, y)` or `(x, y, sample_weight)`.
+        data: A NumPy array or a dict of them for named inputs (split
+            into batches of `batch_size`), a `tf.data.Dataset`, a PyTorch
+            `DataLoader`, or any iterable of batches `x`, `(x, y)` or
+            `(x, y, sample_weight)`.
         steps: Optional number of batches to use. Defaults to all of them.
         batch_size: Batch size for NumPy data. Defaults to `32`.
+
+    Raises:
+        ValueError: for an unbuilt model, a custom layer holding batch norm
+            inside it, or `data` that yields no batch.
 
     Returns:
         The model.
@@ -65,7 +70,15 @@ def recalibrate(model, data, steps=None, batch_size=32):
         - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576)
     """
     _check_model(model, "recalibrate")
-    layers = [layer for layer in _all_layers(model) if _is_batch_norm(layer)]
+    layers = list(_all_layers(model))
+    for layer in layers:
+        if not layer.built:
+            raise ValueError(
+                "keras_bn.recalibrate needs a built model: call it once, or "
+                f"build it. Received: layer {layer.name!r} is not built"
+            )
+        _check_no_hidden_batch_norm(layer, "recalibrate")
+    layers = [layer for layer in layers if _is_batch_norm(layer)]
     if not layers:
         warnings.warn(
             "keras_bn.recalibrate: the model has no batch-norm layer; "
@@ -74,15 +87,13 @@ def recalibrate(model, data, steps=None, batch_size=32):
         )
         return model
     totals = {id(layer): [0.0, 0.0, 0.0] for layer in layers}
-    saved = [
-        (layer, layer.trainable, [w.numpy() for w in layer.weights])
-        for layer in layers
-    ]
-    for layer in layers:
-        layer.trainable = True
-        layer.call = _recording_call(layer, totals[id(layer)])
+    saved = []
     batches = 0
     try:
+        for layer in layers:
+            saved.append((layer, layer.trainable, layer.get_weights()))
+            layer.trainable = True
+            layer.call = _recording_call(layer, totals[id(layer)])
         for batch in _batches(data, batch_size):
             if steps is not None and batches >= steps:
                 break
@@ -90,7 +101,8 @@ def recalibrate(model, data, steps=None, batch_size=32):
             batches += 1
     finally:
         for layer, trainable, weights in saved:
-            del layer.call
+            if "call" in vars(layer):
+                del layer.call
             layer.trainable = trainable
             layer.set_weights(weights)
     if batches == 0:
@@ -226,11 +238,19 @@ def fold(model):
     >>> model = keras_bn.fold(keras.applications.ResNet50(weights=None))
     """
     _check_model(model, "fold")
-    producers = {}
-    for submodel in [model] + [
+    models = [model] + [
         layer for layer in _all_layers(model) if isinstance(layer, keras.Model)
-    ]:
-        producers.update(_foldable_pairs(submodel))
+    ]
+    calls = {}
+    for submodel in models:
+        for layer_id, count in _calls(submodel).items():
+            calls[layer_id] = calls.get(layer_id, 0) + count
+    producers = {}
+    for submodel in models:
+        for key, (bn, producer) in _foldable_pairs(submodel).items():
+            # A layer shared with another model keeps its own weights.
+            if calls.get(id(producer)) == 1:
+                producers[key] = (bn, producer)
     producer_ids = {id(producer): bn for bn, producer in producers.values()}
 
     removed = set()
@@ -276,12 +296,16 @@ def _is_batch_norm(layer):
     return isinstance(layer, _BATCH_NORMS)
 
 
-def _all_layers(model):
-    """Every layer of `model`, nested models' layers included."""
+def _all_layers(model, seen=None):
+    """Every layer of `model`, nested models' layers included, once each."""
+    seen = set() if seen is None else seen
     for layer in model.layers:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
         yield layer
         if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+            yield from _all_layers(layer, seen)
 
 
 def _rebuild(model, replace, name, weights_of=None, call_function=None):
@@ -295,6 +319,9 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
             stacklevel=3,
         )
     pairs = []
+    # One memo for the whole model: a layer or nested model used in several
+    # places stays shared in the copy.
+    clones = {}
 
     def clone_model(model):
         # Nested models are cloned here rather than with
@@ -318,6 +345,11 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
             ) from error
 
     def clone(layer):
+        if id(layer) not in clones:
+            clones[id(layer)] = clone_new(layer)
+        return clones[id(layer)]
+
+    def clone_new(layer):
         if isinstance(layer, keras.Model):
             return clone_model(layer)
         new = replace(layer)
@@ -339,7 +371,7 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
 def _check_no_hidden_batch_norm(layer, name):
     """A custom layer holding batch norm inside would be copied with its
     batch norm untouched: refuse rather than return a partial result."""
-    if _is_batch_norm(layer):
+    if isinstance(layer, keras.Model) or _is_batch_norm(layer):
         return
     if any(
         weight.path.endswith(("moving_mean", "moving_variance"))
@@ -351,6 +383,19 @@ def _check_no_hidden_batch_norm(layer, name):
             "which cannot be rebuilt. Supported: batch-norm layers used "
             "directly in Sequential and functional models."
         )
+
+
+def _calls(model):
+    """How many times `model` calls each of its layers, by `id`."""
+    if isinstance(model, keras.Sequential):
+        return {id(layer): 1 for layer in model.layers}
+    config = model.get_config()
+    if "layers" not in config:
+        return {}
+    return {
+        id(model.get_layer(entry["name"])): len(entry.get("inbound_nodes", []))
+        for entry in config["layers"]
+    }
 
 
 def _foldable_pairs(model):
@@ -374,15 +419,15 @@ def _foldable_pairs(model):
         histories = [h for node in nodes for h in _keras_histories(node)]
         for history in histories:
             consumers[history[0]] = consumers.get(history[0], 0) + 1
-        if len(nodes) == 1 and len(histories) == 1:
+        # A call with training=True normalizes with batch statistics even
+        # in inference: the moving ones cannot stand in for them.
+        forced = len(nodes) == 1 and nodes[0].get("kwargs", {}).get("training")
+        if len(nodes) == 1 and len(histories) == 1 and not forced:
             sources[entry["name"]] = histories[0][0]
         calls = consumers.setdefault(("calls", entry["name"]), 0)
         consumers[("calls", entry["name"])] = calls + len(nodes)
-    outputs = config.get("output_layers", [])
-    if outputs and isinstance(outputs[0], str):
-        outputs = [outputs]  # A single output is saved unwrapped.
-    for output in outputs:
-        consumers[output[0]] = consumers.get(output[0], 0) + 1
+    for output in _output_names(config.get("output_layers", [])):
+        consumers[output] = consumers.get(output, 0) + 1
     pairs = {}
     for layer in model.layers:
         if not _is_batch_norm(layer) or layer.name not in sources:
@@ -397,6 +442,16 @@ def _foldable_pairs(model):
         if _can_fold(layer, producer):
             pairs[id(layer)] = (layer, producer)
     return pairs
+
+
+def _output_names(structure):
+    """The layer names in a functional config's `output_layers`: one
+    `[name, node, tensor]` list, or a list or dict of them."""
+    if isinstance(structure, dict):
+        return [n for value in structure.values() for n in _output_names(value)]
+    if len(structure) == 3 and isinstance(structure[0], str):
+        return [structure[0]]
+    return [name for value in structure for name in _output_names(value)]
 
 
 def _keras_histories(structure):
@@ -414,6 +469,8 @@ def _keras_histories(structure):
 
 def _can_fold(bn, producer):
     if not isinstance(producer, _FOLDABLE):
+        return False
+    if getattr(producer, "lora_enabled", False):
         return False
     if keras.activations.serialize(producer.activation) != "linear":
         return False
@@ -506,6 +563,16 @@ def _recording_call(layer, totals):
 
 def _batches(data, batch_size):
     """Yields the model inputs `x` of each batch of `data`."""
+    if isinstance(data, dict) and all(
+        isinstance(value, np.ndarray) for value in data.values()
+    ):
+        size = len(next(iter(data.values()), ()))
+        for start in range(0, size, batch_size):
+            yield {
+                key: value[start : start + batch_size]
+                for key, value in data.items()
+            }
+        return
     if isinstance(data, np.ndarray):
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size]

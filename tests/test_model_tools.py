@@ -612,3 +612,116 @@ def test_recalibrate_works_on_subclassed_models():
         to_numpy(model.norm.moving_variance), variance, rtol=1e-5
     )
     json.dumps(model.norm.get_config())
+
+
+# ---------------------------------------------------------------------------
+# Graph shapes the tools must respect.
+
+
+def test_fold_leaves_what_the_moving_statistics_cannot_replace():
+    """Not folded: a batch norm called with training=True, one after a
+    layer shared with another model, one after a LoRA-enabled layer. Dict
+    outputs are fine."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    forced = keras_bn.BatchNormalization()(
+        keras.layers.Dense(5)(inputs), training=True
+    )
+    shared = keras.layers.Dense(5)
+    side = keras.Sequential([keras.Input((4,)), shared, keras.layers.ReLU()])
+    nested = keras.Sequential(
+        [keras.Input((4,)), shared, keras_bn.BatchNormalization()]
+    )
+    lora = keras.layers.Dense(5)
+    lora_output = keras.layers.BatchNormalization()(lora(inputs))
+    lora.enable_lora(2)
+    plain = keras_bn.BatchNormalization()(keras.layers.Dense(5)(inputs))
+    model = keras.Model(
+        inputs,
+        {
+            "forced": forced,
+            "side": side(inputs),
+            "nested": nested(inputs),
+            "lora": lora_output,
+            "plain": plain,
+        },
+    )
+    for layer in _batch_norms(model):
+        layer.moving_mean.assign(np.linspace(-1, 1, 5))
+        layer.moving_variance.assign(np.linspace(0.5, 2, 5))
+    x = _normal((6, 4), loc=1.0)
+    folded = keras_bn.fold(model)
+    assert len(_batch_norms(folded)) == len(_batch_norms(model)) - 1
+    expected, actual = model(x), folded(x)
+    for key in expected:
+        np.testing.assert_allclose(
+            to_numpy(actual[key]),
+            to_numpy(expected[key]),
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=key,
+        )
+
+
+def test_rebuild_keeps_shared_models_shared():
+    keras.utils.set_random_seed(0)
+    encoder = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(),
+        ],
+        name="encoder",
+    )
+    head = keras.Sequential([keras.Input((4,)), encoder, keras.layers.Dense(2)])
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, [encoder(inputs), head(inputs)])
+    converted = keras_bn.convert(model)
+    assert len(converted.weights) == len(model.weights)
+    assert len({id(w) for w in converted.weights}) == len(model.weights)
+    x = _normal((5, 4))
+    for mine, expected in zip(converted(x), model(x), strict=True):
+        np.testing.assert_allclose(
+            to_numpy(mine), to_numpy(expected), rtol=1e-6, atol=1e-6
+        )
+    keras_bn.recalibrate(converted, x, batch_size=5)
+    bn = _batch_norms(converted)[0]
+    expected = reference.batch_norm(to_numpy(converted.layers[1].layers[0](x)))
+    np.testing.assert_allclose(
+        to_numpy(bn.moving_variance), expected["variance"], rtol=1e-5
+    )
+
+
+def test_recalibrate_refusals_leave_the_model_as_it_was():
+    unbuilt = keras.Sequential(
+        [keras.layers.Dense(4), keras_bn.BatchNormalization()]
+    )
+    with pytest.raises(ValueError, match="needs a built model"):
+        keras_bn.recalibrate(unbuilt, np.ones((4, 3), "float32"))
+    assert "call" not in vars(unbuilt.layers[1])
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, _Block(name="block")(inputs))
+    weights = _weights(model)
+    with pytest.raises(ValueError, match="layer 'block'"):
+        keras_bn.recalibrate(model, np.ones((4, 4), "float32"))
+    _assert_unchanged(model, weights)
+
+
+def test_recalibrate_named_inputs():
+    inputs = {
+        "a": keras.Input((2,), name="a"),
+        "b": keras.Input((3,), name="b"),
+    }
+    joined = keras.layers.Concatenate()([inputs["a"], inputs["b"]])
+    layer = keras_bn.BatchNormalization()
+    model = keras.Model(inputs, layer(joined))
+    data = {"a": _normal((10, 2), loc=1.0), "b": _normal((10, 3), seed=1)}
+    keras_bn.recalibrate(model, data, batch_size=5)
+    mean, variance = _reference_statistics(
+        np.concatenate([data["a"], data["b"]], axis=1), 5
+    )
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=1e-5
+    )
