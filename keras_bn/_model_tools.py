@@ -23,8 +23,8 @@ _FOLDABLE = (
     keras.layers.Conv3D,
     keras.layers.DepthwiseConv2D,
 )
-# Keras's layer has exactly these arguments; keras_bn's layer adds the rest.
-_KERAS_ONLY_KEYS = ("virtual_batch_size", "inference_statistics")
+# Arguments of keras_bn's layer that Keras's layer does not have.
+_KERAS_BN_ONLY_KEYS = ("virtual_batch_size", "inference_statistics")
 
 
 def recalibrate(model, data, steps=None, batch_size=32):
@@ -203,7 +203,7 @@ def revert(model):
                 f"inference_statistics={layer.inference_statistics!r}"
             )
         config = layer.get_config()
-        for key in _KERAS_ONLY_KEYS:
+        for key in _KERAS_BN_ONLY_KEYS:
             config.pop(key)
         config["axis"] = axis
         if keras.backend.backend() != "tensorflow":
@@ -400,7 +400,9 @@ def _calls(model):
 
 def _foldable_pairs(model):
     """Maps `id(bn)` to `(bn, producer)` for the batch-norm layers of
-    `model` (not of its nested models) that fold into their producer."""
+    `model` (not of its nested models) that fold into their producer. A
+    producer called more than once is left out by `fold`, which counts
+    calls over every nested model."""
     if isinstance(model, keras.Sequential):
         layers = model.layers
         candidates = zip(layers[1:], layers[:-1], strict=False)
@@ -424,8 +426,6 @@ def _foldable_pairs(model):
         forced = len(nodes) == 1 and nodes[0].get("kwargs", {}).get("training")
         if len(nodes) == 1 and len(histories) == 1 and not forced:
             sources[entry["name"]] = histories[0][0]
-        calls = consumers.setdefault(("calls", entry["name"]), 0)
-        consumers[("calls", entry["name"])] = calls + len(nodes)
     for output in _output_names(config.get("output_layers", [])):
         consumers[output] = consumers.get(output, 0) + 1
     pairs = {}
@@ -433,10 +433,7 @@ def _foldable_pairs(model):
         if not _is_batch_norm(layer) or layer.name not in sources:
             continue
         producer_name = sources[layer.name]
-        if (
-            consumers.get(producer_name) != 1
-            or consumers.get(("calls", producer_name)) != 1
-        ):
+        if consumers.get(producer_name) != 1:
             continue
         producer = model.get_layer(producer_name)
         if _can_fold(layer, producer):

@@ -410,6 +410,19 @@ GHOST = pytest.mark.parametrize(
 )
 
 
+def _ghost_reference(kwargs, x, mask, gamma, beta, renorm):
+    """The reference's training step for a layer built with `kwargs`."""
+    return reference.batch_norm(
+        x,
+        axis=kwargs.get("axis", -1),
+        mask=mask,
+        virtual_batch_size=kwargs.get("virtual_batch_size"),
+        gamma=gamma,
+        beta=beta,
+        renorm=renorm,
+    )
+
+
 def _renorm_state(layer):
     """The reference's `renorm` argument for the layer's current state."""
     if not layer.renorm:
@@ -442,15 +455,7 @@ def test_ghost_batches_match_reference(kwargs, shape, mask_shape):
         x = _normal(shape, seed=step, loc=2.0 * step - 1.0, scale=1.0 + step)
         mask = _mask(mask_shape, seed=step)
         renorm_state = _renorm_state(layer)
-        expected = reference.batch_norm(
-            x,
-            axis=axis,
-            mask=mask,
-            virtual_batch_size=kwargs.get("virtual_batch_size"),
-            gamma=gamma,
-            beta=beta,
-            renorm=renorm_state,
-        )
+        expected = _ghost_reference(kwargs, x, mask, gamma, beta, renorm_state)
         outputs = layer(x, training=True, mask=mask)
         np.testing.assert_allclose(
             to_numpy(outputs), expected["outputs"], rtol=RTOL, atol=ATOL
@@ -523,15 +528,9 @@ def test_ghost_gradients_match_reference(kwargs, shape, mask_shape):
     _, (dx, dgamma, dbeta) = value_and_gradients(loss, x, gamma, beta)
 
     def reference_loss(x=x, gamma=gamma, beta=beta):
-        outputs = reference.batch_norm(
-            x,
-            axis=axis,
-            mask=mask,
-            virtual_batch_size=kwargs.get("virtual_batch_size"),
-            gamma=gamma,
-            beta=beta,
-            renorm=renorm_state,
-        )["outputs"]
+        outputs = _ghost_reference(kwargs, x, mask, gamma, beta, renorm_state)[
+            "outputs"
+        ]
         return np.sum(outputs * upstream)
 
     expected_dx = reference.numerical_gradient(lambda v: reference_loss(x=v), x)
