@@ -309,19 +309,15 @@ class BatchNormalization(keras.layers.Layer):
         return ops.cast(outputs, self.compute_dtype)
 
     def _train(self, inputs, mask):
-        virtual_batch_size = self.virtual_batch_size
-        batch = inputs.shape[0]
-        if virtual_batch_size is not None and batch is not None:
-            # One ghost batch is plain batch norm, which costs less; not so
-            # when synchronized, where plain statistics span replicas.
-            if batch <= virtual_batch_size and not self.synchronized:
-                virtual_batch_size = None
+        _distribute.check_synchronized(self.synchronized)
         stats = _moments.moments(
             inputs,
             self._reduction_axes,
             mask,
-            virtual_batch_size=virtual_batch_size,
-            batch_sum=_distribute.replica_sum_fn(self.synchronized),
+            virtual_batch_size=self.virtual_batch_size,
+            synchronized=self.synchronized,
+            num_shards=_distribute.batch_shards(),
+            replica_sum=_distribute.replica_sum_fn(),
         )
         if not self.renorm:
             self._update_moving_statistics(
