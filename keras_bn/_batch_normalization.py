@@ -28,9 +28,10 @@ class BatchNormalization(keras.layers.Layer):
       into consecutive ghost batches of `virtual_batch_size` samples, each
       normalized with its own statistics (Hoffer et al., 2017). A batch that
       is not a multiple ends with a smaller ghost batch, also when the batch
-      dimension is only known at run time. The moving statistics are updated
-      once per step with the ghost batches' means and variances, each
-      weighted by its number of (unmasked) elements. Inference ignores
+      dimension is only known at run time. On several devices, each
+      device's part of the batch is split so. The moving statistics are
+      updated once per step with the ghost batches' means and variances,
+      each weighted by its number of (unmasked) elements. Inference ignores
       `virtual_batch_size`.
     - **Several feature axes** (`axis` as a list), any rank from 2, channels
       first or last; the parameters get the shape of those axes.
@@ -43,6 +44,9 @@ class BatchNormalization(keras.layers.Layer):
       inputs stay float64) with a two-pass variance, never
       `E[x^2] - E[x]^2`; a batch whose statistics are not finite for a
       channel leaves that channel's moving statistics untouched.
+    - **The same meaning on every backend when training on several
+      devices** (`synchronized`), with moving statistics that average every
+      device's statistics.
 
     During training (`training=True` and `trainable=True`) the layer returns
     `gamma * (x - mean) / sqrt(variance + epsilon) + beta` with the mean and
@@ -75,15 +79,18 @@ class BatchNormalization(keras.layers.Layer):
         beta_constraint: Optional constraint for `beta`. Defaults to `None`.
         gamma_constraint: Optional constraint for `gamma`. Defaults to
             `None`.
-        synchronized: If `True`, the batch statistics cover the global batch
-            of all replicas of a `tf.distribute` strategy on TensorFlow;
-            with ghost batches, each replica normalizes its own ghost batches
-            and the moving statistics average those of every replica. On
-            JAX, `keras.distribution` already computes statistics over the
-            global batch, and ghost batches are consecutive samples of that
-            global batch. On PyTorch, which has no Keras data-parallel path,
-            it has no effect in a single process and raises a `ValueError`
-            in a `torch.distributed` job of several processes. Defaults to
+        synchronized: How statistics are computed when a training step runs
+            on several devices (a `tf.distribute` strategy on TensorFlow,
+            `keras.distribution` on JAX). `True`: over the global batch of
+            every device, as on a single device. `False`: each device
+            normalizes with the statistics of its own part of the batch,
+            as a single device would with `virtual_batch_size` set to the
+            per-device batch size. Ghost batches never cross a device
+            boundary, whatever this is. In every case the moving statistics
+            are the average over all devices, kept identical on each. On
+            PyTorch, which has no Keras data-parallel path, it has no effect
+            in a single process and raises a `ValueError` in a
+            `torch.distributed` job of several processes. Defaults to
             `False`.
         renorm: If `True`, use Batch Renormalization (Ioffe, 2017): during
             training the normalized values are corrected by `r` and `d` (per
