@@ -1,5 +1,6 @@
 """The `keras_bn.BatchNormalization` layer."""
 
+import math
 import numbers
 
 import keras
@@ -335,23 +336,19 @@ class BatchNormalization(keras.layers.Layer):
         dtype = inputs.dtype
         renorm_mean = self._broadcast(self.renorm_mean, dtype)
         # The floor avoids dividing by zero early in training, as in Keras.
-        renorm_stddev = ops.maximum(
+        # The floor avoids dividing by zero early in training, as in Keras.
+        renorm_stddev = _clip(
             self._broadcast(self.renorm_stddev, dtype),
-            ops.sqrt(ops.cast(self.epsilon, dtype)),
+            math.sqrt(self.epsilon),
         )
         stddev = ops.sqrt(stats.variance + self.epsilon)
         r = stddev / renorm_stddev
         d = (stats.mean - renorm_mean) / renorm_stddev
         clipping = self.renorm_clipping or {}
-        rmin = clipping.get("rmin")
-        rmax = clipping.get("rmax")
+        r = _clip(r, clipping.get("rmin"), clipping.get("rmax"))
         dmax = clipping.get("dmax")
-        if rmin is not None:
-            r = ops.maximum(r, rmin)
-        if rmax is not None:
-            r = ops.minimum(r, rmax)
         if dmax is not None:
-            d = ops.clip(d, -dmax, dmax)
+            d = _clip(d, -dmax, dmax)
         # The corrections are constants for the gradient (the paper's
         # stop_gradient); their variables update after they are read.
         r = ops.stop_gradient(r)
@@ -365,7 +362,9 @@ class BatchNormalization(keras.layers.Layer):
 
     def _normalize(self, inputs, mean, variance, correction=None):
         dtype = inputs.dtype
-        multiplier = ops.rsqrt(variance + ops.cast(self.epsilon, dtype))
+        multiplier = ops.rsqrt(
+            variance + ops.convert_to_tensor(self.epsilon, dtype)
+        )
         offset = None
         if correction is not None:
             r, d = correction
@@ -493,6 +492,19 @@ def _no_data(mean, variance, count):
     element, or with non-finite statistics (NaN or inf in the batch)."""
     finite = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
     return ops.logical_not(ops.logical_and(finite, count > 0))
+
+
+def _clip(x, low=None, high=None):
+    """Clips `x` to `[low, high]` (Python floats, `None` for no bound) in its
+    own dtype: on the torch backend, `ops.clip`, `ops.maximum` and
+    `ops.minimum` round float64 tensors or bounds to float32."""
+    if low is not None:
+        low = ops.convert_to_tensor(low, x.dtype)
+        x = ops.where(x < low, low, x)
+    if high is not None:
+        high = ops.convert_to_tensor(high, x.dtype)
+        x = ops.where(x > high, high, x)
+    return x
 
 
 def _sqrt_initializer(initializer):

@@ -149,7 +149,7 @@ def moments(
     else:
         counts = ops.sum(ops.cast(mask, x.dtype), sample_axes, keepdims=True)
     group_sums, group_counts = group_sum(sums, counts)
-    safe_counts = ops.maximum(group_counts, 1)
+    safe_counts = _at_least_one(group_counts)
     group_means = group_sums / safe_counts
 
     mean = per_sample(group_means)
@@ -167,10 +167,16 @@ def moments(
         group_sums, group_squares, group_counts = _replica_sum(
             replica_sum, (group_sums, group_squares, group_counts)
         )
-        safe_counts = ops.maximum(group_counts, 1)
+        safe_counts = _at_least_one(group_counts)
     batch_mean = group_sums / safe_counts
     batch_variance = group_squares / safe_counts
     return Moments(mean, variance, batch_mean, batch_variance, group_counts)
+
+
+def _at_least_one(counts):
+    """`max(counts, 1)` for counts of elements, in their dtype (the torch
+    backend's `ops.maximum` returns float32 for float64 tensors)."""
+    return counts + ops.cast(counts < 1, counts.dtype)
 
 
 def _replica_sum(replica_sum, values):

@@ -117,6 +117,80 @@ def batch_norm(
     }
 
 
+def batch_norm_gradients(
+    x,
+    upstream,
+    axis=-1,
+    mask=None,
+    virtual_batch_size=None,
+    gamma=None,
+    epsilon=1e-3,
+    corrections=None,
+):
+    """Analytic gradients of `sum(batch_norm(x) * upstream)`, in float64.
+
+    Per ghost batch `G` with `n` unmasked elements per feature,
+    `y = gamma * (r * xhat + d) + beta` with `xhat = (x - mean) * inv`,
+    `inv = 1 / sqrt(variance + epsilon)`, and `r`, `d` constants (renorm's
+    `corrections`, else 1 and 0). Every output of `G`, masked or not,
+    depends on its statistics; only unmasked inputs enter them, so with
+    `w` = 1 on unmasked positions and 0 elsewhere:
+
+        dx = gamma * r * inv * (dy - w * (S(dy) + xhat * S(dy * xhat)) / n)
+        dgamma = sum dy * (r * xhat + d),  dbeta = sum dy
+
+    where `S` sums over `G` and the reduced axes.
+
+    Returns:
+        A dict with the gradients `x`, `gamma` and `beta` (the last two of
+        the feature axes' shape), and for each, under `x_terms`,
+        `gamma_terms` and `beta_terms`, the same sums taken over the
+        absolute values of their terms: the scale that bounds their
+        rounding errors.
+    """
+    x = np.asarray(x, np.float64)
+    upstream = np.asarray(upstream, np.float64)
+    features = _feature_axes(axis, x.ndim)
+    reduce = tuple(a for a in range(x.ndim) if a not in features)
+    if mask is None:
+        mask = np.ones([x.shape[a] for a in reduce], bool)
+    mask = np.expand_dims(np.asarray(mask, bool), features)
+    gamma = _param(gamma, x, features, 1.0)
+    batch = x.shape[0]
+    size = virtual_batch_size or batch
+
+    def total(values):
+        return values.sum(axis=reduce, keepdims=True)
+
+    gradients = {"x": np.empty_like(x), "x_terms": np.empty_like(x)}
+    for name in ("gamma", "gamma_terms", "beta", "beta_terms"):
+        gradients[name] = 0.0
+    for group, start in enumerate(range(0, batch, size)):
+        rows = slice(start, min(start + size, batch))
+        mean, variance, count = _group_moments(x[rows], mask[rows], reduce)
+        inv = 1.0 / np.sqrt(variance + epsilon)
+        xhat = (x[rows] - mean) * inv
+        r, d = (1.0, 0.0) if corrections is None else corrections[group]
+        dy = upstream[rows]
+        weights = np.broadcast_to(mask[rows], dy.shape) / np.maximum(count, 1)
+        factor = gamma * r * inv
+        gradients["x"][rows] = factor * (
+            dy - weights * (total(dy) + xhat * total(dy * xhat))
+        )
+        gradients["x_terms"][rows] = np.abs(factor) * (
+            np.abs(dy)
+            + weights * (total(abs(dy)) + abs(xhat) * total(abs(dy * xhat)))
+        )
+        gradients["gamma"] += total(dy * (r * xhat + d))
+        gradients["gamma_terms"] += total(np.abs(dy * (r * xhat + d)))
+        gradients["beta"] += total(dy)
+        gradients["beta_terms"] += total(np.abs(dy))
+    param_shape = [x.shape[a] for a in features]
+    for name in ("gamma", "gamma_terms", "beta", "beta_terms"):
+        gradients[name] = gradients[name].reshape(param_shape)
+    return gradients
+
+
 def inference(x, mean, variance, axis=-1, gamma=None, beta=None, epsilon=1e-3):
     """Inference-mode batch norm with given statistics, in float64."""
     x = np.asarray(x, np.float64)

@@ -1,0 +1,487 @@
+"""Randomized equivalence with the float64 reference, over the whole
+parameter space of `keras_bn.BatchNormalization`.
+
+Hypothesis draws a configuration (rank 2 to 5, `axis` as any valid int or a
+list, ghost batches of 1 to batch + 3, batches of 1 to 70, masks with empty
+rows and empty ghost batches, `center`/`scale`, momentum, epsilon, renorm
+with and without clipping, float32, float64 and the mixed policies, inputs of
+scale 1e-3 to 1e4 with offsets up to 1e4) and checks it against
+`tests/reference.py`: training outputs and moving statistics over several
+steps, inference outputs, gradients, and `.keras` round-trips.
+
+Profiles (`tests/conftest.py`): `ci`, the default, runs a fixed, bounded
+number of examples deterministically; `--hypothesis-profile=thorough` runs
+many more with fresh randomness.
+"""
+
+import contextlib
+import os
+import tempfile
+
+import keras
+import numpy as np
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import strategies as st
+from keras import ops
+
+import keras_bn
+from tests import reference
+from tests.backend import to_numpy
+from tests.backend import value_and_gradients
+
+BACKEND = keras.backend.backend()
+
+# Tolerances, all in one place. Each check allows `FACTOR` roundings of its
+# dtype (`UNIT`, the relative spacing of floats near 1), on top of what
+# float32 statistics cannot know: an input of offset `m` and scale `s` keeps
+# about `UNIT * m / s` of relative error in its deviations, the condition
+# number of normalizing it (`condition`). float32 inputs beyond a condition
+# of 1e4 keep too few significant digits of their deviations to compare and
+# are not drawn. On a GPU, where reductions run in another order, the same
+# bounds hold; the suite disables TF32 (see conftest.py).
+UNIT = {
+    "float64": 2.0**-52,
+    "float32": 2.0**-23,
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+}
+FACTOR = 64
+MAX_CONDITION = 1e4
+
+POLICIES = {
+    # policy: (input and output dtype, dtype the statistics are computed in)
+    "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"),
+    "mixed_float16": ("float16", "float32"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
+}
+
+
+def tolerance(policy, condition, output=True):
+    """Absolute and relative tolerance of a quantity of unit size."""
+    io_dtype, compute_dtype = POLICIES[policy]
+    tol = FACTOR * UNIT[compute_dtype] * condition
+    if output:
+        tol += 2 * UNIT[io_dtype]
+    return tol
+
+
+@st.composite
+def configurations(draw):
+    """A layer configuration, the inputs' shape, offset and scale, a mask
+    kind, and a seed for the arrays."""
+    rank = draw(st.integers(2, 5))
+    batch = draw(st.integers(1, 70))
+    shape = (batch,) + tuple(draw(st.integers(1, 4)) for _ in range(rank - 1))
+    virtual = draw(st.none() | st.integers(1, batch + 3))
+    # Ghost batches split axis 0, which then cannot be a feature axis. The
+    # last axis comes first: hypothesis simplifies towards it.
+    positions = list(range(rank - 1, 0 if virtual else -1, -1))
+    if draw(st.booleans()):
+        axes = [draw(st.sampled_from(positions))]
+        axis = draw(st.sampled_from([axes[0], axes[0] - rank]))
+    else:
+        axes = sorted(
+            draw(
+                st.lists(
+                    st.sampled_from(positions),
+                    min_size=1,
+                    max_size=rank - 1,
+                    unique=True,
+                )
+            )
+        )
+        axis = [draw(st.sampled_from([a, a - rank])) for a in axes]
+    assume(len(axes) < rank)
+    kwargs = {
+        "axis": axis,
+        "virtual_batch_size": virtual,
+        "center": draw(st.booleans()),
+        "scale": draw(st.booleans()),
+        "momentum": draw(st.floats(0.0, 1.0)),
+        "epsilon": 10.0 ** draw(st.floats(-6.0, -1.0)),
+    }
+    if draw(st.booleans()):
+        clipping = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "rmin": st.floats(0.1, 1.0),
+                    "rmax": st.floats(1.0, 3.0),
+                    "dmax": st.floats(0.0, 2.0),
+                },
+            )
+        )
+        kwargs.update(
+            renorm=True,
+            renorm_clipping=clipping or None,
+            renorm_momentum=draw(st.floats(0.0, 1.0)),
+        )
+    policy = draw(st.sampled_from(list(POLICIES)))
+    scale = 10.0 ** draw(st.floats(-3.0, 4.0))
+    offset = draw(st.sampled_from([0.0, 1.0, -1.0])) * 10.0 ** draw(
+        st.floats(-3.0, 4.0)
+    )
+    condition = 1.0 + abs(offset) / scale
+    assume(condition <= MAX_CONDITION)
+    if policy == "mixed_float16":
+        assume(abs(offset) + 6.0 * scale < 6e4)
+    mask_kinds = ["none", "random"]
+    if 0 not in axes:
+        mask_kinds.append("empty_rows")
+    if virtual is not None and virtual < batch:
+        mask_kinds.append("empty_ghost_batch")
+    return {
+        "kwargs": kwargs,
+        "shape": shape,
+        "axes": axes,
+        "policy": policy,
+        "scale": scale,
+        "offset": offset,
+        "condition": condition,
+        "mask": draw(st.sampled_from(mask_kinds)),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _mask(config, rng):
+    kind = config["mask"]
+    if kind == "none":
+        return None
+    shape = config["shape"]
+    mask_shape = [
+        size for axis, size in enumerate(shape) if axis not in config["axes"]
+    ]
+    mask = rng.random(mask_shape) > rng.uniform(0.1, 0.7)
+    if kind == "empty_rows":
+        mask[rng.random(shape[0]) < 0.3] = False
+    elif kind == "empty_ghost_batch":
+        virtual = config["kwargs"]["virtual_batch_size"]
+        start = virtual * rng.integers(0, -(-shape[0] // virtual))
+        mask[start : start + virtual] = False
+    return mask
+
+
+def _inputs(config, rng):
+    """Inputs in the layer's dtype, and the same values in float64."""
+    dtype = POLICIES[config["policy"]][0]
+    x = config["offset"] + config["scale"] * rng.normal(size=config["shape"])
+    if dtype != "float64":
+        x = x.astype("float32")
+    x = ops.cast(ops.convert_to_tensor(x), dtype)
+    return x, _float64(x)
+
+
+def _float64(tensor):
+    """A tensor's values in float64, from any float dtype and backend."""
+    if keras.backend.standardize_dtype(tensor.dtype) != "float64":
+        tensor = ops.cast(tensor, "float32")
+    return to_numpy(tensor).astype(np.float64)
+
+
+@contextlib.contextmanager
+def _dtype_available(policy):
+    """float64 on JAX needs jax_enable_x64; the other policies need
+    nothing."""
+    if policy != "float64" or BACKEND != "jax":
+        yield
+        return
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def _layer(config, rng):
+    layer = keras_bn.BatchNormalization(
+        dtype=config["policy"], **config["kwargs"]
+    )
+    layer.build(config["shape"])
+    if layer.scale:
+        gamma = rng.uniform(0.5, 2.0, layer.gamma.shape)
+        gamma *= rng.choice([-1.0, 1.0], layer.gamma.shape)
+        layer.gamma.assign(gamma.astype(layer.gamma.dtype))
+    if layer.center:
+        beta = rng.normal(size=layer.beta.shape)
+        layer.beta.assign(beta.astype(layer.beta.dtype))
+    gamma = to_numpy(layer.gamma) if layer.scale else None
+    beta = to_numpy(layer.beta) if layer.center else None
+    return layer, gamma, beta
+
+
+def _assert_close(actual, expected, tol, what, finite_only=False):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    if finite_only:
+        # A 16-bit output overflows where the float64 one is beyond its
+        # range (an empty ghost batch divides by sqrt(epsilon)).
+        keep = np.abs(expected) < 0.5 * np.finfo(np.float16).max
+        actual, expected = actual[keep], expected[keep]
+    np.testing.assert_allclose(
+        actual, expected, rtol=tol, atol=tol, err_msg=what
+    )
+
+
+class _Moving:
+    """The moving statistics as the reference sees them, step by step."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.mean = to_numpy(layer.moving_mean).astype(np.float64)
+        self.variance = to_numpy(layer.moving_variance).astype(np.float64)
+        if layer.renorm:
+            self.stddev = to_numpy(layer.moving_stddev).astype(np.float64)
+            self.renorm_mean = to_numpy(layer.renorm_mean).astype(np.float64)
+            self.renorm_stddev = to_numpy(layer.renorm_stddev).astype(
+                np.float64
+            )
+
+    def renorm_argument(self):
+        if not self.layer.renorm:
+            return None
+        return {
+            "mean": self.renorm_mean,
+            "stddev": self.renorm_stddev,
+            **(self.layer.renorm_clipping or {}),
+        }
+
+    def update(self, expected):
+        """One training step with the reference's statistics; channels
+        without data keep theirs."""
+        layer = self.layer
+        keep = expected["count"] == 0
+
+        def average(old, new, momentum):
+            return np.where(
+                keep, old, reference.moving_average(old, new, momentum)
+            )
+
+        if not layer.renorm:
+            self.mean = average(self.mean, expected["mean"], layer.momentum)
+            self.variance = average(
+                self.variance, expected["variance"], layer.momentum
+            )
+            return
+        stddev = np.sqrt(expected["variance"] + layer.epsilon)
+        momentum = layer.renorm_momentum
+        self.renorm_mean = average(self.renorm_mean, expected["mean"], momentum)
+        self.renorm_stddev = average(self.renorm_stddev, stddev, momentum)
+        self.mean = average(self.mean, expected["mean"], layer.momentum)
+        self.stddev = average(self.stddev, stddev, layer.momentum)
+        self.variance = np.where(
+            keep,
+            self.variance,
+            np.maximum(self.stddev**2 - layer.epsilon, 0.0),
+        )
+
+
+def _reference_step(config, layer, x, mask, gamma, beta, moving):
+    return reference.batch_norm(
+        x,
+        axis=config["kwargs"]["axis"],
+        mask=mask,
+        virtual_batch_size=config["kwargs"]["virtual_batch_size"],
+        gamma=gamma,
+        beta=beta,
+        epsilon=layer.epsilon,
+        renorm=moving.renorm_argument(),
+    )
+
+
+def _train_and_check(config, steps=3):
+    """Trains `steps` steps, checking outputs and moving statistics against
+    the reference at each, then inference; returns the layer."""
+    rng = np.random.default_rng(config["seed"])
+    policy = config["policy"]
+    condition = config["condition"]
+    scale = config["scale"]
+    layer, gamma, beta = _layer(config, rng)
+    moving = _Moving(layer)
+    output_tol = tolerance(policy, condition)
+    stats_tol = tolerance(policy, condition, output=False)
+    for step in range(steps):
+        x, x64 = _inputs(config, rng)
+        mask = _mask(config, rng)
+        expected = _reference_step(
+            config, layer, x64, mask, gamma, beta, moving
+        )
+        outputs = layer(x, training=True, mask=mask)
+        assert (
+            keras.backend.standardize_dtype(outputs.dtype)
+            == (POLICIES[policy][0])
+        )
+        _assert_close(
+            _float64(outputs),
+            expected["outputs"],
+            output_tol,
+            f"training outputs, step {step}",
+            finite_only=policy == "mixed_float16",
+        )
+        moving.update(expected)
+        # The mean is in the inputs' units; the variance in their square.
+        _assert_close(
+            to_numpy(layer.moving_mean) / scale,
+            moving.mean / scale,
+            stats_tol,
+            f"moving_mean, step {step}",
+        )
+        _assert_close(
+            to_numpy(layer.moving_variance) / (scale**2 + layer.epsilon),
+            moving.variance / (scale**2 + layer.epsilon),
+            stats_tol,
+            f"moving_variance, step {step}",
+        )
+    x, x64 = _inputs(config, rng)
+    expected = reference.inference(
+        x64,
+        moving.mean,
+        moving.variance,
+        axis=config["kwargs"]["axis"],
+        gamma=gamma,
+        beta=beta,
+        epsilon=layer.epsilon,
+    )
+    # Inference divides by the moving standard deviation, which a layer
+    # that saw few or no data points may keep far below the inputs' scale.
+    spread = np.sqrt(np.min(moving.variance) + layer.epsilon)
+    _assert_close(
+        _float64(layer(x)),
+        expected,
+        output_tol * max(1.0, scale / spread),
+        "inference outputs",
+        finite_only=policy == "mixed_float16",
+    )
+    return layer
+
+
+@given(configurations())
+def test_training_and_inference_match_reference(config):
+    with _dtype_available(config["policy"]):
+        _train_and_check(config)
+
+
+@given(configurations())
+def test_gradients_match_reference(config):
+    rng = np.random.default_rng(config["seed"])
+    policy = config["policy"]
+    with _dtype_available(policy):
+        layer, gamma, beta = _layer(config, rng)
+        x, x64 = _inputs(config, rng)
+        mask = _mask(config, rng)
+        upstream = rng.normal(size=config["shape"])
+        moving = _Moving(layer)
+        expected = _reference_step(
+            config, layer, x64, mask, gamma, beta, moving
+        )
+        corrections = expected["corrections"] if layer.renorm else None
+        expected = reference.batch_norm_gradients(
+            x64,
+            upstream,
+            axis=config["kwargs"]["axis"],
+            mask=mask,
+            virtual_batch_size=config["kwargs"]["virtual_batch_size"],
+            gamma=gamma,
+            epsilon=layer.epsilon,
+            corrections=corrections,
+        )
+        trainable = [w.value for w in layer.trainable_variables]
+        non_trainable = [w.value for w in layer.non_trainable_variables]
+        cotangent = ops.cast(
+            ops.convert_to_tensor(upstream), POLICIES[policy][0]
+        )
+
+        def loss(x, *trainable):
+            y, _ = layer.stateless_call(
+                list(trainable), non_trainable, x, training=True, mask=mask
+            )
+            return ops.sum(ops.cast(y * cotangent, "float32"))
+
+        _, gradients = value_and_gradients(loss, x, *trainable)
+    # A gradient is a sum of many terms: its rounding error is bounded by
+    # the sum of their absolute values, its own scale.
+    tol = tolerance(policy, config["condition"])
+    names = ["x"] + [
+        name
+        for name, present in (("gamma", layer.scale), ("beta", layer.center))
+        if present
+    ]
+    for name, actual in zip(names, gradients, strict=True):
+        terms = np.max(expected[f"{name}_terms"]) or 1.0
+        _assert_close(
+            actual / terms,
+            expected[name] / terms,
+            tol,
+            f"gradient with respect to {name}",
+        )
+
+
+@given(configurations())
+def test_saved_and_loaded_layers_predict_the_same(config):
+    rng = np.random.default_rng(config["seed"])
+    with _dtype_available(config["policy"]):
+        layer = _train_and_check(config, steps=1)
+        inputs = keras.Input(config["shape"][1:])
+        model = keras.Model(inputs, layer(inputs))
+        x, _ = _inputs(config, rng)
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "model.keras")
+            model.save(path)
+            loaded = keras.models.load_model(path)
+        assert loaded.layers[-1].get_config() == layer.get_config()
+        np.testing.assert_array_equal(
+            _float64(loaded(x)),
+            _float64(model(x)),
+        )
+
+
+def test_analytic_gradients_match_finite_differences():
+    """The reference's analytic gradients, checked once by finite
+    differences: ghost batches, a mask with an empty ghost batch, renorm
+    corrections."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 2, 3)) * 2.0 + 1.0
+    mask = rng.random((7, 2)) > 0.3
+    mask[3:6] = False
+    upstream = rng.normal(size=x.shape)
+    gamma = rng.normal(size=3)
+    beta = rng.normal(size=3)
+    corrections = [(rng.uniform(0.5, 2.0, 3), rng.normal(size=3))] * 3
+    corrections = [
+        (r.reshape(1, 1, 3), d.reshape(1, 1, 3)) for r, d in corrections
+    ]
+
+    def loss(x=x, gamma=gamma, beta=beta):
+        outputs = reference.batch_norm(
+            x,
+            mask=mask,
+            virtual_batch_size=3,
+            gamma=gamma,
+            beta=beta,
+            renorm={"mean": 0, "stddev": 1, "corrections": corrections},
+        )["outputs"]
+        return np.sum(outputs * upstream)
+
+    analytic = reference.batch_norm_gradients(
+        x,
+        upstream,
+        mask=mask,
+        virtual_batch_size=3,
+        gamma=gamma,
+        corrections=corrections,
+    )
+    for actual, numerical in (
+        (analytic["x"], reference.numerical_gradient(loss, x)),
+        (
+            analytic["gamma"],
+            reference.numerical_gradient(lambda g: loss(gamma=g), gamma),
+        ),
+        (
+            analytic["beta"],
+            reference.numerical_gradient(lambda b: loss(beta=b), beta),
+        ),
+    ):
+        np.testing.assert_allclose(actual, numerical, rtol=1e-6, atol=1e-7)
