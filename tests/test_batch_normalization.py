@@ -863,6 +863,46 @@ def test_float64_stays_float64(float64_enabled):
     )
 
 
+def test_float64_epsilon_is_not_rounded_to_float32(float64_enabled):
+    """Found by the randomized tests: on TensorFlow, `ops.cast(0.1,
+    "float64")` goes through float32 (0.10000000149...), which put float64
+    inference 1e-8 off."""
+    layer = keras_bn.BatchNormalization(
+        dtype="float64", epsilon=0.1, center=False, scale=False
+    )
+    x = _normal((4, 3), dtype="float64")
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), x / np.sqrt(1.0 + 0.1), rtol=1e-14
+    )
+
+
+def test_float64_renorm_corrections_stay_float64(float64_enabled):
+    """Found by the randomized tests: on the torch backend `ops.maximum`,
+    `ops.minimum` and `ops.clip` return float32 for float64 inputs, which
+    rounded renorm's `r` and `d` (and the `sqrt(epsilon)` floor)."""
+    clipping = {"rmin": 0.5, "rmax": 1.5, "dmax": 0.7}
+    layer = keras_bn.BatchNormalization(
+        dtype="float64",
+        epsilon=0.01,
+        renorm=True,
+        renorm_clipping=clipping,
+        renorm_momentum=0.0,
+    )
+    steps = [
+        _normal((6, 3), seed=step, loc=3.0 * step, scale=0.1 + step)
+        for step in range(3)
+    ]
+    renorm = {"mean": 0.0, "stddev": 1.0, **clipping}
+    for x in steps:
+        expected = reference.batch_norm(x, epsilon=0.01, renorm=renorm)
+        outputs = layer(x, training=True)
+        np.testing.assert_allclose(
+            to_numpy(outputs), expected["outputs"], rtol=1e-12, atol=1e-12
+        )
+        renorm["mean"] = expected["mean"]
+        renorm["stddev"] = np.sqrt(expected["variance"] + 0.01)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=str)
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 def test_non_finite_channel_keeps_its_moving_statistics(bad, renorm):
