@@ -59,7 +59,9 @@ def batch_norm(
             treats them as constants for the gradient.
 
     Returns:
-        A dict with `outputs`, the renorm `corrections`, and the
+        A dict with `outputs`; `output_terms`, the sum of the absolute values
+        of the terms of each output (the scale that bounds its rounding
+        errors); the renorm `corrections`; and the
         count-weighted averages over ghost batches `mean`, `variance`, and
         `count`, of the feature axes' shape.
     """
@@ -75,6 +77,7 @@ def batch_norm(
     size = virtual_batch_size or batch
 
     outputs = np.empty_like(x)
+    terms = np.empty_like(x)
     corrections = []
     total_mean = 0.0
     total_variance = 0.0
@@ -100,7 +103,14 @@ def batch_norm(
                 r, d = renorm["corrections"][len(corrections)]
             corrections.append((r, d))
             normalized = normalized * r + d
+        else:
+            r, d = 1.0, 0.0
         outputs[rows] = normalized * gamma + beta
+        terms[rows] = (
+            np.abs(gamma * r / stddev) * (np.abs(x[rows]) + np.abs(mean))
+            + np.abs(gamma * d)
+            + np.abs(beta)
+        )
         total_mean = total_mean + mean * count
         total_variance = total_variance + variance * count
         total_count = total_count + count
@@ -110,6 +120,7 @@ def batch_norm(
     shape = np.shape(total_mean)
     return {
         "outputs": outputs,
+        "output_terms": terms,
         "corrections": corrections,
         "mean": (total_mean / safe).reshape(param_shape),
         "variance": (total_variance / safe).reshape(param_shape),
@@ -177,12 +188,17 @@ def batch_norm_gradients(
         gradients["x"][rows] = factor * (
             dy - weights * (total(dy) + xhat * total(dy * xhat))
         )
+        # The rounding of x - mean is what the terms must carry.
+        xhat_terms = (np.abs(x[rows]) + np.abs(mean)) * inv
         gradients["x_terms"][rows] = np.abs(factor) * (
             np.abs(dy)
-            + weights * (total(abs(dy)) + abs(xhat) * total(abs(dy * xhat)))
+            + weights
+            * (total(abs(dy)) + xhat_terms * total(abs(dy) * xhat_terms))
         )
         gradients["gamma"] += total(dy * (r * xhat + d))
-        gradients["gamma_terms"] += total(np.abs(dy * (r * xhat + d)))
+        gradients["gamma_terms"] += total(
+            np.abs(dy) * (np.abs(r) * xhat_terms + np.abs(d))
+        )
         gradients["beta"] += total(dy)
         gradients["beta_terms"] += total(np.abs(dy))
     param_shape = [x.shape[a] for a in features]
