@@ -106,8 +106,10 @@ def batch_norm(
         else:
             r, d = 1.0, 0.0
         outputs[rows] = normalized * gamma + beta
+        # The mean's rounding scales with its terms, the |x| of its group.
+        mean_terms, _, _ = _group_moments(np.abs(x[rows]), mask[rows], reduce)
         terms[rows] = (
-            np.abs(gamma * r / stddev) * (np.abs(x[rows]) + np.abs(mean))
+            np.abs(gamma * r / stddev) * (np.abs(x[rows]) + mean_terms)
             + np.abs(gamma * d)
             + np.abs(beta)
         )
@@ -189,7 +191,8 @@ def batch_norm_gradients(
             dy - weights * (total(dy) + xhat * total(dy * xhat))
         )
         # The rounding of x - mean is what the terms must carry.
-        xhat_terms = (np.abs(x[rows]) + np.abs(mean)) * inv
+        mean_terms, _, _ = _group_moments(np.abs(x[rows]), mask[rows], reduce)
+        xhat_terms = (np.abs(x[rows]) + mean_terms) * inv
         gradients["x_terms"][rows] = np.abs(factor) * (
             np.abs(dy)
             + weights
