@@ -26,6 +26,30 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+def _full_float32_matmuls():
+    """GPUs may run float32 matmuls and convolutions in TF32 (10-bit
+    mantissas), which the float32 tolerances of these tests do not allow:
+    turned off on every backend. Batch norm itself has no matmul; the
+    models in the tests do."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    elif backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    elif backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+_full_float32_matmuls()
+
+
 @pytest.fixture(autouse=True)
 def fresh_keras_state():
     """Each test starts with a clean session, seed and dtype policy."""
