@@ -132,9 +132,8 @@ def main():
     base = results["step_ms"]["keras_bn synchronized=False"]
     print(f"{BACKEND}, {DEVICES} CPU devices, global batch {args.batch}")
     for setting, milliseconds in results["step_ms"].items():
-        print(
-            f"  {setting:30s} {milliseconds:8.2f} ms  {milliseconds / base:.2f}x"
-        )
+        ratio = milliseconds / base
+        print(f"  {setting:30s} {milliseconds:8.2f} ms  {ratio:.2f}x")
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, f"{BACKEND}.json")
     with open(path, "w") as file:
