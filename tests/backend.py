@@ -3,6 +3,8 @@
 Each branch runs on its own backend, in that backend's pytest process.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -54,3 +56,19 @@ def compile_with_dynamic_batch(fn, example):
 
         return jax.jit(fn)
     return fn
+
+
+@contextlib.contextmanager
+def float64_enabled():
+    """Lets the backend compute in float64: JAX needs jax_enable_x64, the
+    other backends nothing."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)

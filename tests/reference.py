@@ -21,6 +21,18 @@ def _param(value, x, features, fill):
     return np.broadcast_to(value, [x.shape[a] for a in features]).reshape(shape)
 
 
+def _layout(x, axis, mask):
+    """x in float64, its feature and reduced axes, and the mask (all True
+    when None) with size 1 on the feature axes."""
+    x = np.asarray(x, np.float64)
+    features = _feature_axes(axis, x.ndim)
+    reduce = tuple(a for a in range(x.ndim) if a not in features)
+    if mask is None:
+        mask = np.ones([x.shape[a] for a in reduce], bool)
+    mask = np.expand_dims(np.asarray(mask, bool), features)
+    return x, features, reduce, mask
+
+
 def _group_moments(x, mask, reduce):
     """Two-pass mean and variance of x over `reduce`, counting only the
     positions where mask is True (mask has size 1 on the feature axes)."""
@@ -65,12 +77,7 @@ def batch_norm(
         count-weighted averages over ghost batches `mean`, `variance`, and
         `count`, of the feature axes' shape.
     """
-    x = np.asarray(x, np.float64)
-    features = _feature_axes(axis, x.ndim)
-    reduce = tuple(a for a in range(x.ndim) if a not in features)
-    if mask is None:
-        mask = np.ones([x.shape[a] for a in reduce], bool)
-    mask = np.expand_dims(np.asarray(mask, bool), features)
+    x, features, reduce, mask = _layout(x, axis, mask)
     gamma = _param(gamma, x, features, 1.0)
     beta = _param(beta, x, features, 0.0)
     batch = x.shape[0]
@@ -161,13 +168,8 @@ def batch_norm_gradients(
         absolute values of their terms: the scale that bounds their
         rounding errors.
     """
-    x = np.asarray(x, np.float64)
+    x, features, reduce, mask = _layout(x, axis, mask)
     upstream = np.asarray(upstream, np.float64)
-    features = _feature_axes(axis, x.ndim)
-    reduce = tuple(a for a in range(x.ndim) if a not in features)
-    if mask is None:
-        mask = np.ones([x.shape[a] for a in reduce], bool)
-    mask = np.expand_dims(np.asarray(mask, bool), features)
     gamma = _param(gamma, x, features, 1.0)
     batch = x.shape[0]
     size = virtual_batch_size or batch

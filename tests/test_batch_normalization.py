@@ -9,6 +9,7 @@ from keras import ops
 import keras_bn
 from tests import reference
 from tests.backend import compile_with_dynamic_batch
+from tests.backend import float64_enabled
 from tests.backend import to_numpy
 from tests.backend import value_and_gradients
 from tests.harness import run_layer_test
@@ -833,22 +834,13 @@ def test_float16_inputs_near_the_limit_stay_finite():
     )
 
 
-@pytest.fixture
-def float64_enabled():
-    """JAX computes in float64 only with jax_enable_x64."""
-    if BACKEND != "jax":
+@pytest.fixture(name="float64")
+def float64_fixture():
+    with float64_enabled():
         yield
-        return
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
-def test_float64_stays_float64(float64_enabled):
+def test_float64_stays_float64(float64):
     """Keras's own layer computes float64 statistics in float32 on JAX: at
     an offset of 1e8 the variance comes out as 0."""
     layer = keras_bn.BatchNormalization(dtype="float64", virtual_batch_size=3)
@@ -863,7 +855,7 @@ def test_float64_stays_float64(float64_enabled):
     )
 
 
-def test_float64_epsilon_is_not_rounded_to_float32(float64_enabled):
+def test_float64_epsilon_is_not_rounded_to_float32(float64):
     """Found by the randomized tests: on TensorFlow, `ops.cast(0.1,
     "float64")` goes through float32 (0.10000000149...), which put float64
     inference 1e-8 off."""
@@ -876,7 +868,7 @@ def test_float64_epsilon_is_not_rounded_to_float32(float64_enabled):
     )
 
 
-def test_float64_renorm_corrections_stay_float64(float64_enabled):
+def test_float64_renorm_corrections_stay_float64(float64):
     """Found by the randomized tests: on the torch backend `ops.maximum`,
     `ops.minimum` and `ops.clip` return float32 for float64 inputs, which
     rounded renorm's `r` and `d` (and the `sqrt(epsilon)` floor)."""

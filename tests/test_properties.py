@@ -28,6 +28,7 @@ from keras import ops
 
 import keras_bn
 from tests import reference
+from tests.backend import float64_enabled
 from tests.backend import to_numpy
 from tests.backend import value_and_gradients
 
@@ -187,20 +188,11 @@ def _float64(tensor):
     return to_numpy(tensor).astype(np.float64)
 
 
-@contextlib.contextmanager
 def _dtype_available(policy):
-    """float64 on JAX needs jax_enable_x64; the other policies need
-    nothing."""
-    if policy != "float64" or BACKEND != "jax":
-        yield
-        return
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
+    """A context in which the backend computes in `policy`'s dtype."""
+    if policy == "float64":
+        return float64_enabled()
+    return contextlib.nullcontext()
 
 
 def _layer(config, rng):
