@@ -336,7 +336,6 @@ class BatchNormalization(keras.layers.Layer):
         dtype = inputs.dtype
         renorm_mean = self._broadcast(self.renorm_mean, dtype)
         # The floor avoids dividing by zero early in training, as in Keras.
-        # The floor avoids dividing by zero early in training, as in Keras.
         renorm_stddev = _clip(
             self._broadcast(self.renorm_stddev, dtype),
             math.sqrt(self.epsilon),

@@ -1,0 +1,5 @@
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: builds environments from scratch; deselect with -m 'not slow'",
+    )

@@ -1,0 +1,191 @@
+"""Every example runs end to end on every backend, with tiny settings: on
+scikit-learn's digits as a user would run it, and on `mnist` through
+`tfds.testing.mock_data` (`tfds_worker.py`). Its metrics must be there and
+finite, its pictures valid PNG files. Without the data, a tensorflow-datasets
+example says how to provide it, without a traceback.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+BACKENDS = ("tensorflow", "jax", "torch")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "integration" / "tfds_worker.py"
+EXAMPLES = ROOT / "examples"
+TINY = ["--epochs", "1", "--limit", "48", "--batch-size", "16"]
+# Example: (extra arguments, the pictures it writes, the number of models
+# it reports).
+SCRIPTS = {
+    "compare": ([], ["curves.png"], 3),
+    "large_batch_ghost_bn": (
+        ["--repeats", "1", "--large-batch-size", "32", "--width", "4"],
+        ["curves.png"],
+        3,
+    ),
+    "tabular_ghost_bn": (["--repeats", "1"], ["curves.png"], 2),
+    "recalibrate": (
+        ["--epochs", "2", "--checkpoints", "2", "--units", "16"],
+        ["accuracy.png"],
+        4,
+    ),
+}
+MISSING = [
+    module
+    for module in ("sklearn", "matplotlib", "tensorflow_datasets")
+    if importlib.util.find_spec(module) is None
+]
+pytestmark = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"the examples need {MISSING}: pip install -e '.[examples]'",
+)
+
+
+def _run(backend, command, env=None):
+    return subprocess.run(
+        [sys.executable, *command],
+        env={
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def _check_png(path):
+    """A PNG whose chunks all have valid checksums and whose image data
+    decompresses to the size its header announces."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    position, chunks, pixels = 8, [], b""
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        body = data[position + 8 : position + 8 + length]
+        (crc,) = struct.unpack(
+            ">I", data[position + 8 + length : position + 12 + length]
+        )
+        assert zlib.crc32(kind + body) == crc, f"{path}: bad {kind} chunk"
+        chunks.append(kind)
+        if kind == b"IDAT":
+            pixels += body
+        position += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND", chunks
+    width, height, depth, color = struct.unpack(">IIBB", data[16:26])
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color]
+    assert width > 100 and height > 100 and depth == 8
+    assert len(zlib.decompress(pixels)) == height * (1 + width * channels)
+
+
+def _reported_models(value):
+    """Every dict in the metrics that holds a model's test results."""
+    if isinstance(value, dict):
+        found = [value] if "test_accuracy" in value else []
+        for item in value.values():
+            found += _reported_models(item)
+        return found
+    if isinstance(value, list):
+        return [model for item in value for model in _reported_models(item)]
+    return []
+
+
+def _check_outputs(directory, backend, pictures, models):
+    def refuse(constant):
+        raise AssertionError(f"metrics.json holds {constant}")
+
+    metrics = json.loads(
+        (directory / "metrics.json").read_text(), parse_constant=refuse
+    )
+    assert metrics["backend"] == backend
+    # The models themselves, not the repeats nested in an average.
+    reported = [
+        model
+        for model in _reported_models(metrics["results"])
+        if "name" in model
+    ]
+    assert len(reported) == models, reported
+    for model in reported:
+        assert 0.0 <= model["test_accuracy"] <= 1.0
+        assert math.isfinite(model["test_loss"])
+        for values in model.get("history", {}).values():
+            assert values and all(math.isfinite(v) for v in values)
+    for picture in pictures:
+        _check_png(directory / picture)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("example", list(SCRIPTS))
+def test_example(tmp_path, example, backend, dataset):
+    extra, pictures, models = SCRIPTS[example]
+    arguments = [*TINY, *extra, "--output-dir", str(tmp_path)]
+    script = str(EXAMPLES / f"{example}.py")
+    if dataset == "digits":
+        command = [script, *arguments]
+    else:
+        command = [str(WORKER), "mock", script, "--dataset", dataset]
+        command += arguments
+    result = _run(backend, command)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| --- |" in result.stdout, result.stdout[-2000:]
+    _check_outputs(tmp_path, backend, pictures, models)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quickstart(backend):
+    result = _run(backend, ["examples/quickstart.py", "--epochs", "1"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"backend: {backend}" in result.stdout
+
+
+def test_no_data_without_network(tmp_path):
+    closed = "http://127.0.0.1:9"
+    result = _run(
+        "jax",
+        [
+            str(WORKER),
+            "offline",
+            "examples/compare.py",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "empty"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        env={
+            "HTTPS_PROXY": closed,
+            "HTTP_PROXY": closed,
+            "https_proxy": closed,
+            "http_proxy": closed,
+            "NO_PROXY": "",
+            "no_proxy": "",
+        },
+    )
+    assert result.returncode != 0
+    assert "--data-dir" in result.stderr, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_dataset():
+    result = _run(
+        "jax",
+        ["examples/compare.py", "--dataset", "no_such_dataset"],
+    )
+    assert result.returncode != 0
+    assert "no_such_dataset" in result.stderr, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]

@@ -1,0 +1,133 @@
+"""The built wheel, installed into a fresh virtual environment with Keras and
+one backend only, imports and trains: the package declares every dependency
+it needs, and needs no other backend.
+
+Slow (a virtual environment and a backend install per backend, from the pip
+cache after the first run); deselect with `-m "not slow"`.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BACKENDS = ("tensorflow", "jax", "torch")
+# What each environment installs besides the wheel: CPU builds, as in the
+# README; `[jax]` and `[torch]` also exercise the package's extras.
+REQUIREMENTS = {
+    "tensorflow": ("", ["tensorflow-cpu"]),
+    "jax": ("[jax]", []),
+    "torch": ("[torch]", ["torch==2.13.0"]),
+}
+SMOKE = """
+import importlib.util
+import sys
+
+import keras
+import numpy as np
+
+import keras_bn
+
+backend = sys.argv[1]
+assert keras.backend.backend() == backend, keras.backend.backend()
+assert keras_bn.__file__.startswith(sys.prefix), keras_bn.__file__
+others = [
+    name
+    for name in ("tensorflow", "jax", "torch")
+    if name != backend and importlib.util.find_spec(name)
+]
+assert not others, f"installed besides {backend}: {others}"
+
+rng = np.random.default_rng(0)
+x = (5.0 + 2.0 * rng.normal(size=(100, 4))).astype("float32")
+y = (x[:, 0] > 5.0).astype("int32")
+keras.utils.set_random_seed(0)
+inputs = keras.Input((4,))
+hidden = keras_bn.BatchNormalization(virtual_batch_size=8)(inputs)
+hidden = keras.layers.Dense(16, activation="relu")(hidden)
+hidden = keras_bn.BatchNormalization()(hidden)
+outputs = keras.layers.Dense(2, activation="softmax")(hidden)
+model = keras.Model(inputs, outputs)
+model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+model.fit(x, y, batch_size=20, epochs=3, verbose=0)
+keras_bn.recalibrate(model, x)
+model.save("smoke.keras")
+loaded = keras.models.load_model("smoke.keras")
+np.testing.assert_allclose(loaded.predict(x), model.predict(x), atol=1e-6)
+print(f"trained on {backend}, keras {keras.__version__}")
+"""
+
+
+def _call(command, cwd, env=None):
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cwd,
+        env=env,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """Builds the wheel from a copy of the sources, which leaves no build
+    files in the working tree."""
+    source = tmp_path_factory.mktemp("source")
+    shutil.copy(ROOT / "pyproject.toml", source)
+    shutil.copy(ROOT / "README.md", source)
+    for license_file in ROOT.glob("LICENSE*"):
+        shutil.copy(license_file, source)
+    shutil.copytree(
+        ROOT / "keras_bn",
+        source / "keras_bn",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    dist = tmp_path_factory.mktemp("dist")
+    _call(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, source],
+        cwd=source,
+    )
+    (built,) = dist.glob("keras_bn-*.whl")
+    return built
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wheel_in_fresh_environment(tmp_path, wheel, backend):
+    environment = tmp_path / "venv"
+    _call([sys.executable, "-m", "venv", environment], cwd=tmp_path)
+    python = str(environment / "bin" / "python")
+    extra, others = REQUIREMENTS[backend]
+    _call(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            f"keras-bn{extra} @ {wheel.as_uri()}",
+            *others,
+        ],
+        cwd=tmp_path,
+    )
+    (tmp_path / "smoke.py").write_text(SMOKE)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
+    }
+    # -I: neither the working directory nor PYTHON* variables on the path,
+    # so `import keras_bn` can only find the installed wheel.
+    output = _call(
+        [python, "-I", "smoke.py", backend],
+        cwd=tmp_path,
+        env={**env, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert f"trained on {backend}" in output
