@@ -1,26 +1,52 @@
 """
-Title: Speed of one batch-norm layer
-Description: A compiled training step and an inference call, side by side.
+Title: Speed and memory of one batch-norm layer
+Description: A compiled training step and an inference call, side by side
+with Keras's layer and with the memory-bound floor.
 
-Times, in one process, a training step (forward, backward, moving-statistics
-update) and an inference call of a single batch-norm layer:
-`keras.layers.BatchNormalization`, `keras_bn.BatchNormalization` plain, with
-ghost batches of 32, with a ragged last ghost batch, with a mask, with
-renorm, and the elementwise floor `x * a + b`. The training step is compiled
-as the backend compiles a `fit` step: `tf.function(jit_compile=True)` on
-TensorFlow, `jax.jit` on JAX; PyTorch runs eagerly. Prints the medians and
-the ratios to Keras's layer and to the floor, and writes them as JSON.
+Times, in one process, a training step (forward, backward with respect to
+the input, `gamma` and `beta`, and the moving-statistics update) and an
+inference call of a single batch-norm layer, for:
+
+- `keras.layers.BatchNormalization`;
+- `keras_bn.BatchNormalization` plain, with `virtual_batch_size=32`, with
+  a ragged last ghost batch (the batch minus 6: 250 for 256, so the last
+  ghost batch has 26 samples), with a mask (10 % of the positions masked),
+  and with renorm;
+- the floor: `x * a + b` with per-channel `a` and `b`, the least that any
+  layer reading and writing a tensor of that shape can cost.
+
+The cases are image activations `(256, 16, 16, 64)` and dense activations
+`(4096, 512)` in float32, and the image shape under the `mixed_float16`
+policy. Each step is compiled as the backend compiles a `fit` step:
+`tf.function(jit_compile=True)` on TensorFlow, `jax.jit` on JAX; PyTorch
+runs eagerly and under `torch.compile`. The variants are timed in turns,
+round after round, so that a change in the machine's load hits them all
+alike; the figures are medians over the rounds, after warm-up.
+
+Peak memory is what a step allocates beyond its inputs, at its highest:
+from XLA's buffer assignment on JAX, from the allocator's statistics on
+TensorFlow and on PyTorch with CUDA, from the profiler's allocation events
+on PyTorch on CPU. Bandwidth is the training step's essential traffic
+(reading the input and the upstream gradient, writing the input's
+gradient) per second, as a fraction of what a plain copy of the input
+achieves on the same device.
+
+It prints a Markdown table per case and writes `speed_BACKEND.json` and
+`speed_BACKEND.md` into `--output-dir`. It runs unchanged on a GPU.
 
 ```
 KERAS_BACKEND=jax python benchmarks/speed.py
-KERAS_BACKEND=tensorflow python benchmarks/speed.py --shape 4096,512
+KERAS_BACKEND=tensorflow python benchmarks/speed.py
+KERAS_BACKEND=torch python benchmarks/speed.py
+KERAS_BACKEND=jax python benchmarks/speed.py --tiny  # a smoke test
 ```
 """
 
 import argparse
+import collections
 import json
 import os
-import statistics
+import platform
 import time
 
 import keras
@@ -28,6 +54,15 @@ import numpy as np
 from keras import ops
 
 import keras_bn
+
+Case = collections.namedtuple("Case", ["name", "shape", "policy", "variants"])
+Variant = collections.namedtuple(
+    "Variant", ["make", "batch_change", "masked"], defaults=(0, False)
+)
+
+VIRTUAL_BATCH_SIZE = 32
+RAGGED = 6  # samples fewer than the batch, for a ragged last ghost batch
+MASKED_FRACTION = 0.1
 
 
 class Floor(keras.layers.Layer):
@@ -38,36 +73,60 @@ class Floor(keras.layers.Layer):
         self.a = self.add_weight(shape=shape, initializer="ones")
         self.b = self.add_weight(shape=shape, initializer="zeros")
 
-    def call(self, inputs, training=None, mask=None):
-        return inputs * self.a + self.b
+    def call(self, inputs, training=None):
+        dtype = inputs.dtype
+        return inputs * ops.cast(self.a, dtype) + ops.cast(self.b, dtype)
 
 
-def variants(shape):
-    batch = shape[0]
+def variants(policy):
+    def keras_bn_layer(**kwargs):
+        return lambda: keras_bn.BatchNormalization(dtype=policy, **kwargs)
+
+    ghost = keras_bn_layer(virtual_batch_size=VIRTUAL_BATCH_SIZE)
     return {
-        "keras": (keras.layers.BatchNormalization, {}, batch, False),
-        "keras_bn": (keras_bn.BatchNormalization, {}, batch, False),
-        "ghost_32": (
-            keras_bn.BatchNormalization,
-            {"virtual_batch_size": 32},
-            batch,
-            False,
-        ),
-        "ghost_32_ragged": (
-            keras_bn.BatchNormalization,
-            {"virtual_batch_size": 32},
-            batch - 6,
-            False,
-        ),
-        "masked": (keras_bn.BatchNormalization, {}, batch, True),
-        "renorm": (keras_bn.BatchNormalization, {"renorm": True}, batch, False),
-        "floor": (Floor, {}, batch, False),
+        "keras": Variant(lambda: keras.layers.BatchNormalization(dtype=policy)),
+        "keras_bn": Variant(keras_bn_layer()),
+        "ghost_32": Variant(ghost),
+        "ghost_32_ragged": Variant(ghost, batch_change=-RAGGED),
+        "masked": Variant(keras_bn_layer(), masked=True),
+        "renorm": Variant(keras_bn_layer(renorm=True)),
+        "floor": Variant(lambda: Floor(dtype=policy)),
     }
 
 
-def compile_step(layer, training):
-    """A function of (trainable, non_trainable, x, mask, upstream) returning
-    the outputs and, in training, the gradients and new statistics."""
+def cases(tiny):
+    image = (64, 4, 4, 8) if tiny else (256, 16, 16, 64)
+    dense = (64, 16) if tiny else (4096, 512)
+    mixed = {
+        name: variant
+        for name, variant in variants("mixed_float16").items()
+        if name in ("keras", "keras_bn", "ghost_32", "floor")
+    }
+    return [
+        Case("image", image, "float32", variants("float32")),
+        Case("dense", dense, "float32", variants("float32")),
+        Case("image, mixed_float16", image, "mixed_float16", mixed),
+    ]
+
+
+def engines():
+    return {
+        "tensorflow": ["xla"],
+        "jax": ["jit"],
+        "torch": ["eager", "compile"],
+    }[keras.backend.backend()]
+
+
+"""
+## Steps
+
+A step is a function of `(trainable, non_trainable, x, mask, upstream)`
+built on `stateless_call`: the training step returns the gradients and the
+updated moving statistics, the inference step the outputs.
+"""
+
+
+def make_step(layer, training, engine):
     backend = keras.backend.backend()
 
     def forward(trainable, non_trainable, x, mask):
@@ -112,103 +171,324 @@ def compile_step(layer, training):
 
     import torch
 
+    # torch.compile compiles the layer; autograd runs the backward pass it
+    # compiled with it, as in a compiled model's training loop.
+    compiled = torch.compile(forward) if engine == "compile" else forward
+
     def train(trainable, non_trainable, x, mask, upstream):
         trainable = [t.detach().requires_grad_(True) for t in trainable]
         x = x.detach().requires_grad_(True)
-        y, updated = forward(trainable, non_trainable, x, mask)
+        y, updated = compiled(trainable, non_trainable, x, mask)
         grads = torch.autograd.grad((y * upstream).sum(), trainable + [x])
         return grads, updated
 
     def infer(trainable, non_trainable, x, mask, upstream):
         with torch.no_grad():
-            return forward(trainable, non_trainable, x, mask)[0]
+            return compiled(trainable, non_trainable, x, mask)[0]
 
     return train if training else infer
 
 
-def block(result):
-    for leaf in keras.tree.flatten(result):
-        if hasattr(leaf, "block_until_ready"):
-            leaf.block_until_ready()
-        else:
-            ops.convert_to_numpy(ops.sum(leaf))
+def make_inputs(case, variant, rng):
+    """The layer, built, and the arguments of its steps."""
+    shape = (case.shape[0] + variant.batch_change,) + case.shape[1:]
+    layer = variant.make()
+    layer.build(shape)
+    dtype = keras.DTypePolicy(case.policy).compute_dtype
+
+    def tensor(values, dtype=dtype):
+        return ops.convert_to_tensor(values.astype(dtype))
+
+    x = tensor(rng.normal(size=shape))
+    upstream = tensor(rng.normal(size=shape))
+    mask = None
+    if variant.masked:
+        mask = tensor(rng.random(shape[:-1]) >= MASKED_FRACTION, "bool")
+    trainable = [ops.convert_to_tensor(v) for v in layer.trainable_variables]
+    non_trainable = [
+        ops.convert_to_tensor(v) for v in layer.non_trainable_variables
+    ]
+    return layer, (trainable, non_trainable, x, mask, upstream)
+
+
+"""
+## Clocks and allocators, per backend
+"""
+
+
+def synchronize(result):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        jax.block_until_ready(result)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.test.experimental.sync_devices()
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     return result
 
 
-def time_call(fn, args, repeats, warmup):
-    for _ in range(warmup):
-        block(fn(*args))
-    times = []
+def peak_memory(step, args):
+    """Bytes a step allocates beyond its inputs, at its highest."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        analysis = step.lower(*args).compile().memory_analysis()
+        return int(
+            analysis.temp_size_in_bytes
+            + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes
+        )
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+        tf.config.experimental.reset_memory_stats(device)
+        before = tf.config.experimental.get_memory_info(device)["current"]
+        synchronize(step(*args))
+        peak = tf.config.experimental.get_memory_info(device)["peak"]
+        return int(peak - before)
+    import torch
+
+    if torch.cuda.is_available():
+        synchronize(None)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        synchronize(step(*args))
+        return int(torch.cuda.max_memory_allocated() - before)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profile:
+        step(*args)
+    allocated = peak = 0
+    events = profile.profiler.kineto_results.events()
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        if event.name() == "[memory]":
+            allocated += event.nbytes()
+            peak = max(peak, allocated)
+    return int(peak)
+
+
+def copy_bandwidth(x, repeats, warmup):
+    """Bytes per second that a compiled copy of `x` reads and writes."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        copy = jax.jit(lambda x: x + 0)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        copy = tf.function(tf.identity, jit_compile=True)
+    else:
+        import torch
+
+        copy = torch.clone
+    times = time_rounds({"copy": lambda: copy(x)}, repeats, warmup)
+    return 2 * _bytes(x) / np.median(times["copy"])
+
+
+def time_rounds(calls, repeats, warmup):
+    """Seconds of each call of `calls` (name: function of no argument) in
+    each round, the calls timed in turns, one call of each per round."""
+    for call in calls.values():
+        for _ in range(warmup):
+            synchronize(call())
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        block(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            synchronize(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: np.array(values) for name, values in times.items()}
+
+
+def _bytes(x):
+    return (
+        int(np.prod(x.shape))
+        * np.dtype(keras.backend.standardize_dtype(x.dtype)).itemsize
+    )
+
+
+"""
+## One case
+"""
+
+
+def run_case(case, engine, repeats, warmup, seed):
+    rng = np.random.default_rng(seed)
+    steps, arguments, errors = {}, {}, {}
+    for name, variant in case.variants.items():
+        layer, args = make_inputs(case, variant, rng)
+        for mode in ("train", "inference"):
+            step = make_step(layer, mode == "train", engine)
+            try:
+                synchronize(step(*args))
+            except Exception as error:  # noqa: BLE001 - reported, not fatal
+                errors[name] = f"{type(error).__name__}: {error}"
+                break
+            steps[name, mode] = step
+            arguments[name, mode] = args
+    calls = {
+        key: (lambda step=step, args=arguments[key]: step(*args))
+        for key, step in steps.items()
+    }
+    times = time_rounds(calls, repeats, warmup)
+    x = arguments["keras", "train"][2]
+    bandwidth = copy_bandwidth(x, repeats, warmup)
+
+    rows = {}
+    for name in case.variants:
+        if name in errors:
+            rows[name] = {"error": errors[name]}
+            continue
+        row = {}
+        for mode in ("train", "inference"):
+            row[f"{mode}_seconds"] = float(np.median(times[name, mode]))
+            # Ratios are medians of ratios within a round: a change of the
+            # machine's load between rounds cancels out.
+            for other in ("keras", "floor"):
+                if (other, mode) in times:
+                    ratios = times[name, mode] / times[other, mode]
+                    row[f"{mode}_vs_{other}"] = float(np.median(ratios))
+            row[f"{mode}_peak_bytes"] = peak_memory(
+                steps[name, mode], arguments[name, mode]
+            )
+        # Read the input and the upstream gradient, write the input's
+        # gradient.
+        essential = 3 * _bytes(arguments[name, "train"][2])
+        row["train_bandwidth_fraction"] = (
+            essential / row["train_seconds"] / bandwidth
+        )
+        rows[name] = row
+    keras_peak = rows.get("keras", {}).get("train_peak_bytes")
+    for row in rows.values():
+        if keras_peak and "train_peak_bytes" in row:
+            row["train_peak_vs_keras"] = row["train_peak_bytes"] / keras_peak
+    return {
+        "case": case.name,
+        "shape": list(case.shape),
+        "policy": case.policy,
+        "engine": engine,
+        "copy_bandwidth_bytes_per_second": bandwidth,
+        "variants": rows,
+    }
+
+
+"""
+## Report
+"""
+
+
+def environment():
+    backend = keras.backend.backend()
+    versions = {"keras": keras.__version__, "numpy": np.__version__}
+    module = __import__(backend)
+    versions[backend] = module.__version__
+    if backend == "jax":
+        import jax
+
+        device = str(jax.devices()[0].device_kind)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        # Every variant's step is a new tf.function: its tracing is expected.
+        tf.get_logger().setLevel("ERROR")
+        gpus = tf.config.list_physical_devices("GPU")
+        device = "GPU" if gpus else "CPU"
+    else:
+        import torch
+
+        device = (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        )
+    return {
+        "backend": backend,
+        "device": device,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def markdown(results):
+    lines = []
+    for result in results:
+        shape = "×".join(map(str, result["shape"]))
+        lines += [
+            f"{result['case']} {shape}, {result['engine']}",
+            "",
+            "| variant | train ms | × Keras | × floor | inference ms "
+            "| × Keras | × floor | train peak MiB | × Keras | bandwidth |",
+            "|" + " --- |" * 10,
+        ]
+        for name, row in result["variants"].items():
+            if "error" in row:
+                lines.append(f"| {name} | {row['error'][:60]} |")
+                continue
+            cells = [
+                name,
+                f"{row['train_seconds'] * 1e3:.3f}",
+                _ratio(row, "train_vs_keras"),
+                _ratio(row, "train_vs_floor"),
+                f"{row['inference_seconds'] * 1e3:.3f}",
+                _ratio(row, "inference_vs_keras"),
+                _ratio(row, "inference_vs_floor"),
+                f"{row['train_peak_bytes'] / 2**20:.1f}",
+                _ratio(row, "train_peak_vs_keras"),
+                f"{row['train_bandwidth_fraction']:.0%}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _ratio(row, key):
+    return f"{row[key]:.2f}" if key in row else "n/a"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[2])
-    parser.add_argument("--shape", default="256,16,16,64")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="runs/speed")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shapes and 2 rounds: checks that the script runs",
+    )
+    parser.add_argument("--output-dir", default="runs/speed")
     args = parser.parse_args()
-    shape = tuple(int(size) for size in args.shape.split(","))
-    rng = np.random.default_rng(args.seed)
+    repeats, warmup = (2, 1) if args.tiny else (args.repeats, args.warmup)
 
-    results = {}
-    for name, (cls, kwargs, batch, masked) in variants(shape).items():
-        data_shape = (batch,) + shape[1:]
-        layer = cls(**kwargs)
-        layer.build(data_shape)
-        x = ops.convert_to_tensor(rng.normal(size=data_shape).astype("float32"))
-        upstream = ops.convert_to_tensor(
-            rng.normal(size=data_shape).astype("float32")
-        )
-        mask = None
-        if masked:
-            mask = ops.convert_to_tensor(rng.random(data_shape[:-1]) > 0.1)
-        trainable = [
-            ops.convert_to_tensor(v) for v in layer.trainable_variables
-        ]
-        non_trainable = [
-            ops.convert_to_tensor(v) for v in layer.non_trainable_variables
-        ]
-        call_args = (trainable, non_trainable, x, mask, upstream)
-        results[name] = {
-            mode: time_call(
-                compile_step(layer, mode == "train"),
-                call_args,
-                args.repeats,
-                args.warmup,
-            )
-            for mode in ("train", "inference")
-        }
-
-    backend = keras.backend.backend()
-    print(f"backend: {backend}, shape: {shape}, medians in ms")
+    env = environment()
     print(
-        f"{'variant':<18}{'train':>9}{'/keras':>8}{'/floor':>8}"
-        f"{'infer':>9}{'/keras':>8}{'/floor':>8}"
+        f"{env['backend']} on {env['device']}, {env['cpu_count']} CPUs, "
+        f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}"
     )
-    for name, timing in results.items():
-        row = f"{name:<18}"
-        for mode in ("train", "inference"):
-            seconds = timing[mode]
-            row += f"{seconds * 1e3:>9.3f}"
-            row += f"{seconds / results['keras'][mode]:>8.2f}"
-            row += f"{seconds / results['floor'][mode]:>8.2f}"
-        print(row)
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(
-        args.output, f"{backend}_{'x'.join(map(str, shape))}.json"
-    )
-    with open(path, "w") as file:
-        json.dump(
-            {"backend": backend, "shape": shape, "seconds": results}, file
-        )
-    print(f"wrote {path}")
+    results = []
+    for case in cases(args.tiny):
+        for engine in engines():
+            results.append(run_case(case, engine, repeats, warmup, args.seed))
+            print(markdown(results[-1:]), flush=True)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, f"speed_{env['backend']}")
+    with open(stem + ".json", "w") as file:
+        json.dump({"environment": env, "results": results}, file, indent=2)
+    with open(stem + ".md", "w") as file:
+        file.write(markdown(results))
+    print(f"wrote {stem}.json and {stem}.md")
 
 
 if __name__ == "__main__":

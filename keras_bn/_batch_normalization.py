@@ -309,12 +309,33 @@ class BatchNormalization(keras.layers.Layer):
         else:
             if self.inference_statistics == "batch":
                 stats = _moments.moments(inputs, self._reduction_axes, mask)
-                mean, variance = stats.mean, stats.variance
+                (part,) = stats.parts
+                outputs = self._normalize(part)
             else:
-                mean = self._broadcast(self.moving_mean, compute_dtype)
-                variance = self._broadcast(self.moving_variance, compute_dtype)
-            outputs = self._normalize(inputs, mean, variance)
+                outputs = self._normalize_moving(inputs)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _normalize_moving(self, inputs):
+        """Normalizes with the moving statistics."""
+        dtype = inputs.dtype
+        if keras.backend.backend() == "torch" and len(self._feature_axes) == 1:
+            # The torch backend's batch_normalization computes the same
+            # `(x - mean) * (rsqrt(variance + epsilon) * gamma) + beta`, in
+            # place after the subtraction: one output buffer instead of
+            # three. (The other backends compute `x * multiplier + offset`,
+            # which cancels on large offsets.)
+            return ops.batch_normalization(
+                inputs,
+                ops.cast(self.moving_mean, dtype),
+                ops.cast(self.moving_variance, dtype),
+                axis=self._feature_axes[0],
+                offset=ops.cast(self.beta, dtype) if self.center else None,
+                scale=ops.cast(self.gamma, dtype) if self.scale else None,
+                epsilon=self.epsilon,
+            )
+        mean = self._broadcast(self.moving_mean, dtype)
+        variance = self._broadcast(self.moving_variance, dtype)
+        return self._normalize_with(inputs - mean, variance)
 
     def _train(self, inputs, mask):
         _distribute.check_synchronized(self.synchronized)
@@ -327,40 +348,69 @@ class BatchNormalization(keras.layers.Layer):
             num_shards=_distribute.batch_shards(),
             replica_sum=_distribute.replica_sum_fn(),
         )
-        if not self.renorm:
+        if self.renorm:
+            # Read before the renorm statistics update.
+            corrections = [self._renorm_correction(p) for p in stats.parts]
+            self._update_renorm_statistics(
+                stats.batch_mean, stats.batch_variance, stats.count
+            )
+        else:
+            corrections = [None] * len(stats.parts)
             self._update_moving_statistics(
                 stats.batch_mean, stats.batch_variance, stats.count
             )
-            return self._normalize(inputs, stats.mean, stats.variance)
+        return stats.ungroup(
+            [
+                self._normalize(part, correction)
+                for part, correction in zip(
+                    stats.parts, corrections, strict=True
+                )
+            ]
+        )
 
-        dtype = inputs.dtype
-        renorm_mean = self._broadcast(self.renorm_mean, dtype)
+    def _renorm_correction(self, part):
+        """Batch renormalization's `(r, d)` for a part's statistics."""
+        dtype = part.mean.dtype
+        renorm_mean = self._broadcast(self.renorm_mean, dtype, part)
         # The floor avoids dividing by zero early in training, as in Keras.
         renorm_stddev = _clip(
-            self._broadcast(self.renorm_stddev, dtype),
+            self._broadcast(self.renorm_stddev, dtype, part),
             math.sqrt(self.epsilon),
         )
-        stddev = ops.sqrt(stats.variance + self.epsilon)
+        stddev = ops.sqrt(part.variance + self.epsilon)
         r = stddev / renorm_stddev
-        d = (stats.mean - renorm_mean) / renorm_stddev
+        d = (part.mean - renorm_mean) / renorm_stddev
         clipping = self.renorm_clipping or {}
         r = _clip(r, clipping.get("rmin"), clipping.get("rmax"))
         dmax = clipping.get("dmax")
         if dmax is not None:
             d = _clip(d, -dmax, dmax)
         # The corrections are constants for the gradient (the paper's
-        # stop_gradient); their variables update after they are read.
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-        self._update_renorm_statistics(
-            stats.batch_mean, stats.batch_variance, stats.count
-        )
-        return self._normalize(
-            inputs, stats.mean, stats.variance, correction=(r, d)
+        # stop_gradient).
+        return ops.stop_gradient(r), ops.stop_gradient(d)
+
+    def _normalize(self, part, correction=None):
+        """Normalizes with batch statistics, whose mean gets its gradient
+        through `_moments.shift_gradient`."""
+        return self._normalize_with(
+            part.centered,
+            part.variance,
+            correction,
+            lambda offset, multiplier: _moments.shift_gradient(
+                offset, part.mean, multiplier
+            ),
+            part,
         )
 
-    def _normalize(self, inputs, mean, variance, correction=None):
-        dtype = inputs.dtype
+    def _normalize_with(
+        self, centered, variance, correction=None, shift=None, part=None
+    ):
+        """`centered * multiplier + offset`: `centered` is the input minus
+        the mean, the multiplier and offset come from the variance, `gamma`,
+        `beta` and the renorm `correction` `(r, d)`; `shift(offset,
+        multiplier)`, if given, adjusts the offset. With `part`, the
+        tensors are in its layout."""
+        dtype = centered.dtype
         multiplier = ops.rsqrt(
             variance + ops.convert_to_tensor(self.epsilon, dtype)
         )
@@ -370,15 +420,17 @@ class BatchNormalization(keras.layers.Layer):
             multiplier = multiplier * r
             offset = d
         if self.scale:
-            gamma = self._broadcast(self.gamma, dtype)
+            gamma = self._broadcast(self.gamma, dtype, part)
             multiplier = multiplier * gamma
             offset = None if offset is None else offset * gamma
         if self.center:
-            beta = self._broadcast(self.beta, dtype)
+            beta = self._broadcast(self.beta, dtype, part)
             offset = beta if offset is None else offset + beta
+        if shift is not None:
+            offset = shift(offset, multiplier)
         # (x - mean) * multiplier rather than x * multiplier - mean *
         # multiplier: the latter cancels catastrophically on large offsets.
-        outputs = (inputs - mean) * multiplier
+        outputs = centered * multiplier
         return outputs if offset is None else outputs + offset
 
     def _update_moving_statistics(self, mean, variance, count):
@@ -423,9 +475,11 @@ class BatchNormalization(keras.layers.Layer):
         variable.assign(ops.cast(value, variable.dtype))
         return value
 
-    def _broadcast(self, weight, dtype):
-        """A weight cast to `dtype` and shaped to broadcast with the input."""
-        return ops.reshape(ops.cast(weight, dtype), self._broadcast_shape)
+    def _broadcast(self, weight, dtype, part=None):
+        """A weight cast to `dtype` and shaped to broadcast with the input,
+        or with the tensors of `part`."""
+        shape = self._broadcast_shape if part is None else part.feature_shape
+        return ops.reshape(ops.cast(weight, dtype), shape)
 
     def _standardize_mask(self, mask, inputs):
         """Checks a mask against the input and gives it size 1 on the

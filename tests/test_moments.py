@@ -7,29 +7,30 @@ from tests import reference
 from tests.backend import to_numpy
 
 
-@pytest.mark.parametrize(
-    "batch,virtual", [(12, 4), (10, 4), (9, 4), (3, 4), (5, 1)], ids=str
-)
-def test_ghost_batch_sum_and_broadcast(batch, virtual):
-    values = np.arange(batch * 2, dtype="float32").reshape(batch, 1, 2)
-    sums = to_numpy(
-        _moments.ghost_batch_sum(ops.convert_to_tensor(values), virtual)
-    )
-    expected = np.stack(
-        [
-            values[start : start + virtual].sum(axis=0)
-            for start in range(0, batch, virtual)
-        ]
-    )
-    np.testing.assert_array_equal(sums, expected)
-    spread = to_numpy(
-        _moments.ghost_batch_broadcast(
-            ops.convert_to_tensor(sums), batch, virtual
+def _normalized(stats):
+    """The input normalized with its statistics, in the input's layout."""
+    return to_numpy(
+        stats.ungroup(
+            [part.centered / ops.sqrt(part.variance) for part in stats.parts]
         )
     )
-    np.testing.assert_array_equal(
-        spread, np.repeat(expected, virtual, axis=0)[:batch]
-    )
+
+
+@pytest.mark.parametrize(
+    "batch,virtual", [(12, 4), (10, 4), (9, 4), (3, 3), (5, 1)], ids=str
+)
+def test_groups_split_and_merge(batch, virtual):
+    values = np.arange(batch * 2, dtype="float32").reshape(batch, 1, 2)
+    groups = _moments.Groups(batch, virtual, 1)
+    views = groups.split(ops.convert_to_tensor(values))
+    full = batch // virtual * virtual
+    expected = [values[:full].reshape(-1, virtual, 1, 2)]
+    if full < batch:
+        expected.append(values[None, full:])
+    assert len(views) == len(expected)
+    for view, values_expected in zip(views, expected, strict=True):
+        np.testing.assert_array_equal(to_numpy(view), values_expected)
+    np.testing.assert_array_equal(to_numpy(groups.merge(views)), values)
 
 
 @pytest.mark.parametrize("virtual", [None, 3], ids=["plain", "ghost"])
@@ -56,9 +57,8 @@ def test_moments_match_reference(virtual):
     )
     count = np.broadcast_to(to_numpy(stats.count), stats.batch_mean.shape)
     np.testing.assert_array_equal(count.reshape(-1), expected["count"])
-    normalized = (x - to_numpy(stats.mean)) / np.sqrt(to_numpy(stats.variance))
     np.testing.assert_allclose(
-        np.where(mask, normalized, 0.0),
+        np.where(mask, _normalized(stats), 0.0),
         np.where(mask, expected["outputs"], 0.0),
         rtol=1e-4,
         atol=1e-4,
@@ -69,9 +69,19 @@ def test_moments_of_an_empty_group_are_zero():
     x = ops.ones((4, 2))
     mask = ops.convert_to_tensor([[True], [True], [False], [False]])
     stats = _moments.moments(x, [0], mask, virtual_batch_size=2)
-    np.testing.assert_array_equal(to_numpy(stats.mean)[2:], 0.0)
-    np.testing.assert_array_equal(to_numpy(stats.variance)[2:], 0.0)
-    np.testing.assert_array_equal(to_numpy(stats.count), [[2.0]])
+    # Two ghost batches, the second fully masked.
+    (part,) = stats.parts
+    np.testing.assert_array_equal(to_numpy(part.mean)[1], 0.0)
+    np.testing.assert_array_equal(to_numpy(part.variance)[1], 0.0)
+    np.testing.assert_array_equal(to_numpy(stats.count), [[2.0, 2.0]])
+
+
+def _statistic(stats, name):
+    """A total, or a statistic of the only part."""
+    if name.startswith("batch_"):
+        return getattr(stats, name)
+    (part,) = stats.parts
+    return getattr(part, name)
 
 
 def test_synchronized_sums_go_through_replica_sum():
@@ -88,8 +98,8 @@ def test_synchronized_sums_go_through_replica_sum():
         )
         for name in ("mean", "variance", "batch_mean", "batch_variance"):
             np.testing.assert_allclose(
-                to_numpy(getattr(doubled, name)),
-                to_numpy(getattr(plain, name)),
+                to_numpy(_statistic(doubled, name)),
+                to_numpy(_statistic(plain, name)),
                 rtol=1e-6,
                 atol=1e-7,
             )
@@ -117,7 +127,8 @@ def test_replica_sum_reaches_the_statistics_it_should(synchronized, virtual):
         replica_sum=lambda value: value + 1.0,
     )
     normalizing_changed = not np.allclose(
-        to_numpy(shifted.mean), to_numpy(plain.mean)
+        to_numpy(_statistic(shifted, "mean")),
+        to_numpy(_statistic(plain, "mean")),
     )
     assert normalizing_changed == (synchronized and virtual is None)
     assert not np.allclose(
@@ -131,7 +142,7 @@ def test_replica_sum_reaches_the_statistics_it_should(synchronized, virtual):
     ids=str,
 )
 def test_groups_stay_within_a_shard(batch, shards, virtual):
-    values = np.arange(batch * 2, dtype="float32").reshape(batch, 1, 2)
+    values = np.arange(1, batch * 2 + 1, dtype="float32").reshape(batch, 1, 2)
     shard = batch // shards
     size = min(virtual or shard, shard)
     starts = [
@@ -147,17 +158,15 @@ def test_groups_stay_within_a_shard(batch, shards, virtual):
             for start in starts
         ]
     )
-    sums = to_numpy(
-        _moments.ghost_batch_sum(ops.convert_to_tensor(values), size, shards)
-    )
-    np.testing.assert_array_equal(sums, expected)
-    spread = to_numpy(
-        _moments.ghost_batch_broadcast(
-            ops.convert_to_tensor(sums), batch, size, shards
-        )
-    )
-    lengths = np.diff(starts + [batch])
-    np.testing.assert_array_equal(spread, np.repeat(expected, lengths, 0))
+    groups = _moments.Groups(batch, size, shards)
+    views = groups.split(ops.convert_to_tensor(values))
+    # The full groups of every shard, then the last group of every shard.
+    sums = np.concatenate([to_numpy(ops.sum(view, 1)) for view in views])
+    full = [start for start in starts if start % shard + size <= shard]
+    last = [start for start in starts if start not in full]
+    order = [starts.index(start) for start in full + last]
+    np.testing.assert_array_equal(sums, expected[order])
+    np.testing.assert_array_equal(to_numpy(groups.merge(views)), values)
 
 
 @pytest.mark.parametrize("virtual", [None, 3], ids=["per_shard", "ghost"])
@@ -184,7 +193,7 @@ def test_sharded_moments_match_a_reference_per_shard(virtual):
         )
         for rows in (slice(0, 5), slice(5, 10))
     ]
-    outputs = (x - to_numpy(stats.mean)) / np.sqrt(to_numpy(stats.variance))
+    outputs = _normalized(stats)
     expected = np.concatenate([shard["outputs"] for shard in shards])
     np.testing.assert_allclose(
         np.where(mask, outputs, 0.0),
