@@ -19,7 +19,6 @@ statistics of its own: nothing is padded and nothing masked.
 """
 
 import collections
-import math
 
 from keras import ops
 
@@ -44,11 +43,12 @@ Part = collections.namedtuple(
 )
 Part.__doc__ = """The statistics of a tensor of groups, in a layout of its own.
 
-The layout merges each run of adjacent reduced axes, and of adjacent kept
-axes, into one axis: `(groups, group_size, 16, 16, 64)` reduced over the
-axes of size 32 and 16 becomes `(groups, 8192, 64)`. XLA on CPU reduces a
-few long axes several times faster than many short ones, in the forward
-pass and in the reductions of the backward pass alike.
+The grouped layout merges each run of adjacent reduced axes, and of
+adjacent kept axes, into one axis: `(groups, 32, 16, 16, 64)` reduced over
+the axes of size 32 and 16 becomes `(groups, 8192, 64)`. XLA on CPU
+reduces a few long axes several times faster than many short ones, in the
+forward pass and in the reductions of the backward pass alike (six times
+for this one on TensorFlow).
 
 `centered` is the tensor minus `mean`, as a constant `mean` (see `center`);
 `mean` and `variance` are shaped like it with size 1 on the reduced axes.
@@ -209,9 +209,12 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     is not in `axes` then), else one group, with the sums, squares and
     counts behind it; `replica_sum` sums those over replicas. The sums,
     squares and counts are in the part's layout."""
+    # The grouped layout gets merged axes (see `Part`); a whole batch keeps
+    # the input's, which XLA reduces as fast, and where merging makes it
+    # materialize converted copies of 16-bit inputs.
     runs = []
     for axis in range(len(x.shape)):
-        if runs and (axis in axes) == (runs[-1][0] in axes):
+        if grouped and runs and (axis in axes) == (runs[-1][0] in axes):
             runs[-1].append(axis)
         else:
             runs.append([axis])
@@ -219,13 +222,13 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     def merged(values):
         shape = ops.shape(values)
         return ops.reshape(
-            values, [math.prod(shape[axis] for axis in run) for run in runs]
+            values, [_product([shape[axis] for axis in run]) for run in runs]
         )
 
     feature_shape = [
         1
         if run[0] in axes or (grouped and run[0] == 0)
-        else math.prod(x.shape[axis] for axis in run)
+        else _product([x.shape[axis] for axis in run])
         for run in runs
     ]
     axes = [index for index, run in enumerate(runs) if run[0] in axes]
@@ -254,6 +257,15 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     (squares,) = _replica_sum(replica_sum, (squares,))
     part = Part(mean, squares / safe_counts, centered, feature_shape)
     return part, sums, squares, counts
+
+
+def _product(sizes):
+    """The product of sizes, Python ints or scalar tensors (`math.prod`
+    stops torch.compile's tracing)."""
+    product = 1
+    for size in sizes:
+        product = product * size
+    return product
 
 
 def _only(outputs):

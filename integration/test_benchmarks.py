@@ -1,0 +1,84 @@
+"""The speed benchmark keeps working: `benchmarks/speed.py --tiny` runs on
+every backend and writes a complete report (every case, engine and variant,
+with finite timings, ratios and memory figures)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BACKENDS = ("tensorflow", "jax", "torch")
+ENGINES = {"tensorflow": ["xla"], "jax": ["jit"], "torch": ["eager", "compile"]}
+VARIANTS = {
+    "keras",
+    "keras_bn",
+    "ghost_32",
+    "ghost_32_ragged",
+    "masked",
+    "renorm",
+    "floor",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_speed_benchmark_runs(tmp_path, backend):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/speed.py",
+            "--tiny",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env={
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        },
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / f"speed_{backend}.json").read_text())
+    assert report["environment"]["backend"] == backend
+    cases = [(r["case"], r["engine"]) for r in report["results"]]
+    expected = [
+        (case, engine)
+        for case in ("image", "dense", "image, mixed_float16")
+        for engine in ENGINES[backend]
+    ]
+    assert cases == expected
+    for result_case in report["results"]:
+        rows = result_case["variants"]
+        names = (
+            VARIANTS
+            if "mixed" not in result_case["case"]
+            else {
+                "keras",
+                "keras_bn",
+                "ghost_32",
+                "floor",
+            }
+        )
+        assert set(rows) == names
+        for name, row in rows.items():
+            assert "error" not in row, (name, row)
+            for key in (
+                "train_seconds",
+                "inference_seconds",
+                "train_vs_keras",
+                "inference_vs_floor",
+                "train_bandwidth_fraction",
+            ):
+                assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+            assert row["train_peak_bytes"] >= 0
+        assert rows["keras"]["train_vs_keras"] == 1.0
+    table = (tmp_path / f"speed_{backend}.md").read_text()
+    assert table.count("| keras_bn |") == len(expected)
