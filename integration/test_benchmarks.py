@@ -4,14 +4,10 @@ with finite timings, ratios and memory figures)."""
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
+import backend_process
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKENDS = ("tensorflow", "jax", "torch")
 ENGINES = {"tensorflow": ["xla"], "jax": ["jit"], "torch": ["eager", "compile"]}
 VARIANTS = {
@@ -27,23 +23,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_speed_benchmark_runs(tmp_path, backend):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/speed.py",
-            "--tiny",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        env={
-            **os.environ,
-            "KERAS_BACKEND": backend,
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        },
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
+    result = backend_process.run(
+        backend, "benchmarks/speed.py", "--tiny", "--output-dir", tmp_path
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / f"speed_{backend}.json").read_text())

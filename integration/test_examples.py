@@ -8,13 +8,11 @@ example says how to provide it, without a traceback.
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import struct
-import subprocess
-import sys
 import zlib
 
+import backend_process
 import pytest
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -50,19 +48,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run(backend, command, env=None):
-    return subprocess.run(
-        [sys.executable, *command],
-        env={
-            **os.environ,
-            "KERAS_BACKEND": backend,
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-            **(env or {}),
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    return backend_process.run(backend, *command, env=env, timeout=600)
 
 
 def _check_png(path):

@@ -3,26 +3,19 @@ an epoch and resumed with `keras.callbacks.BackupAndRestore` ends with the
 same weights and moving statistics as one that was never interrupted, on
 every backend (`resume_worker.py`)."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
+import backend_process
 import numpy as np
 import pytest
 
 BACKENDS = ("tensorflow", "jax", "torch")
 WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
-ROOT = WORKER.parents[1]
 CRASH_CODE = 17  # resume_worker.CRASH_CODE
 
 
 def _run(backend, *args):
-    command = [sys.executable, str(WORKER), *args]
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    return subprocess.run(
-        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    return backend_process.run(backend, WORKER, *args, timeout=600)
 
 
 def _load(path):

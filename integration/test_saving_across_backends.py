@@ -1,27 +1,17 @@
 """A model with keras_bn layers saved on one backend loads on the others and
 predicts the same, as `.keras` and as `.weights.h5`."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
+import backend_process
 import pytest
 
 BACKENDS = ("tensorflow", "jax", "torch")
 WORKER = pathlib.Path(__file__).with_name("saving_worker.py")
-ROOT = WORKER.parents[1]
 
 
 def _run(backend, *args):
-    result = subprocess.run(
-        [sys.executable, str(WORKER), *args],
-        env={**os.environ, "KERAS_BACKEND": backend},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    result = backend_process.run(backend, WORKER, *args, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
