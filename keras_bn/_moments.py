@@ -144,27 +144,23 @@ def moments(
         group_size = virtual_batch_size or shard
         if group_size is not None and shard is not None:
             group_size = min(group_size, shard)
+    one_group = num_shards == 1 and group_size == batch
     # Without the batch axis among `axes`, every sample has statistics of
     # its own already.
-    one_group = num_shards == 1 and group_size == batch
-    # The statistics of the feature axes, in the input's rank.
-    statistics_shape = [
-        1 if axis in axes else size for axis, size in enumerate(x.shape)
-    ]
-    if group_size is None or one_group or 0 not in axes:
-        views, masks, view_axes = [x], [mask], axes
-        merge = _only
-        grouped = False
-    else:
+    grouped = not (group_size is None or one_group or 0 not in axes)
+    if grouped:
         groups = Groups(ops.shape(x)[0], group_size, num_shards)
         views = groups.split(x)
         masks = [None] * len(views) if mask is None else groups.split(mask)
         view_axes = [1] + [axis + 1 for axis in axes if axis != 0]
-        merge = groups.merge
-        grouped = True
-    parts, totals, view_shapes = [], [], []
+    else:
+        views, masks, view_axes = [x], [mask], axes
+    # The statistics of the feature axes, in the input's rank.
+    statistics_shape = [
+        1 if axis in axes else size for axis, size in enumerate(x.shape)
+    ]
+    parts, totals = [], []
     for values, view_mask in zip(views, masks, strict=True):
-        view_shapes.append(ops.shape(values))
         part, *sums = _group_moments(
             values,
             view_axes,
@@ -183,14 +179,20 @@ def moments(
             ]
         )
 
-    def ungroup(outputs):
-        return merge(
-            [
-                ops.reshape(output, shape)
-                for output, shape in zip(outputs, view_shapes, strict=True)
-            ]
-        )
+    if grouped:
+        view_shapes = [ops.shape(view) for view in views]
 
+        def ungroup(outputs):
+            return groups.merge(
+                [
+                    ops.reshape(output, shape)
+                    for output, shape in zip(outputs, view_shapes, strict=True)
+                ]
+            )
+
+    else:
+        ungroup = _only
+    # The totals of the parts.
     sums, squares, counts = (
         sum(values[1:], values[0]) for values in zip(*totals, strict=True)
     )
