@@ -77,6 +77,7 @@ class Groups:
         self.group_size = group_size
         self.num_shards = num_shards
         shard = batch // num_shards
+        self.shard = shard
         self.full = shard // group_size * group_size
         self.exact = isinstance(shard, int) and shard == self.full
 
@@ -87,6 +88,23 @@ class Groups:
         shards = ops.reshape(values, (self.num_shards, -1) + rest)
         full = ops.reshape(shards[:, : self.full], (-1, self.group_size) + rest)
         return [full, shards[:, self.full :]]
+
+    def spread(self, statistics):
+        """Gives each sample the statistic of its group: the inverse of
+        `split` for statistics, which have size 1 on the group axis."""
+        full, last = statistics
+        rest = tuple(full.shape[2:])
+        full = ops.reshape(full, (self.num_shards, -1, 1) + rest)
+        full = ops.broadcast_to(
+            full,
+            (self.num_shards, ops.shape(full)[1], self.group_size) + rest,
+        )
+        full = ops.reshape(full, (self.num_shards, -1) + rest)
+        last = ops.broadcast_to(
+            last, (self.num_shards, self.shard - self.full) + rest
+        )
+        merged = ops.concatenate([full, last], axis=1)
+        return ops.reshape(merged, (-1,) + rest)
 
     def merge(self, parts):
         rest = tuple(parts[0].shape[2:])
@@ -179,7 +197,23 @@ def moments(
             ]
         )
 
-    if grouped:
+    if grouped and not groups.exact and len(view_axes) > 1:
+        # Two views would need their outputs joined, a copy of the whole
+        # output. When a sample has several elements per feature, its
+        # statistics are much smaller than it: spread them to every sample
+        # and normalize the input in its own layout.
+        def spread(name):
+            return groups.spread(
+                [
+                    ops.reshape(getattr(part, name), _kept(view, view_axes))
+                    for part, view in zip(parts, views, strict=True)
+                ]
+            )
+
+        mean, variance = spread("mean"), spread("variance")
+        parts = [Part(mean, variance, center(x, mean), statistics_shape)]
+        ungroup = _only
+    elif grouped:
         view_shapes = [ops.shape(view) for view in views]
 
         def ungroup(outputs):
@@ -259,6 +293,12 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     (squares,) = _replica_sum(replica_sum, (squares,))
     part = Part(mean, squares / safe_counts, centered, feature_shape)
     return part, sums, squares, counts
+
+
+def _kept(values, axes):
+    """The shape of `values` with size 1 on `axes`."""
+    shape = ops.shape(values)
+    return [1 if axis in axes else size for axis, size in enumerate(shape)]
 
 
 def _product(sizes):
