@@ -94,6 +94,9 @@ def batch_norm(
         mean, variance, count = _group_moments(x[rows], mask[rows], reduce)
         stddev = np.sqrt(variance + epsilon)
         normalized = (x[rows] - mean) / stddev
+        # The mean's rounding scales with its terms, the |x| of its group.
+        mean_terms, _, _ = _group_moments(np.abs(x[rows]), mask[rows], reduce)
+        d_terms = 0.0
         if renorm is not None:
             moving_stddev = np.maximum(
                 _param(renorm["stddev"], x, features, 1.0), np.sqrt(epsilon)
@@ -102,6 +105,10 @@ def batch_norm(
             d = (mean - _param(renorm["mean"], x, features, 0.0)) / (
                 moving_stddev
             )
+            # d carries the mean's rounding, whatever its own size.
+            d_terms = (
+                mean_terms + np.abs(_param(renorm["mean"], x, features, 0.0))
+            ) / moving_stddev
             r = np.clip(r, renorm.get("rmin"), renorm.get("rmax"))
             dmax = renorm.get("dmax")
             if dmax is not None:
@@ -113,11 +120,9 @@ def batch_norm(
         else:
             r, d = 1.0, 0.0
         outputs[rows] = normalized * gamma + beta
-        # The mean's rounding scales with its terms, the |x| of its group.
-        mean_terms, _, _ = _group_moments(np.abs(x[rows]), mask[rows], reduce)
         terms[rows] = (
             np.abs(gamma * r / stddev) * (np.abs(x[rows]) + mean_terms)
-            + np.abs(gamma * d)
+            + np.abs(gamma) * np.maximum(np.abs(d), d_terms)
             + np.abs(beta)
         )
         total_mean = total_mean + mean * count
