@@ -390,26 +390,17 @@ class BatchNormalization(keras.layers.Layer):
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _normalize(self, part, correction=None):
-        """Normalizes with batch statistics, whose mean gets its gradient
-        through `_moments.shift_gradient`."""
+        """Normalizes with the batch statistics of a `_moments.Part`."""
         return self._normalize_with(
-            part.centered,
-            part.variance,
-            correction,
-            lambda offset, multiplier: _moments.shift_gradient(
-                offset, part.mean, multiplier
-            ),
-            part,
+            part.centered, part.variance, correction, part
         )
 
-    def _normalize_with(
-        self, centered, variance, correction=None, shift=None, part=None
-    ):
+    def _normalize_with(self, centered, variance, correction=None, part=None):
         """`centered * multiplier + offset`: `centered` is the input minus
         the mean, the multiplier and offset come from the variance, `gamma`,
-        `beta` and the renorm `correction` `(r, d)`; `shift(offset,
-        multiplier)`, if given, adjusts the offset. With `part`, the
-        tensors are in its layout."""
+        `beta` and the renorm `correction` `(r, d)`. With the `part` of
+        batch statistics, the tensors are in its layout and its mean gets
+        its gradient through the offset (`_moments.shift_gradient`)."""
         dtype = centered.dtype
         multiplier = ops.rsqrt(
             variance + ops.convert_to_tensor(self.epsilon, dtype)
@@ -426,8 +417,8 @@ class BatchNormalization(keras.layers.Layer):
         if self.center:
             beta = self._broadcast(self.beta, dtype, part)
             offset = beta if offset is None else offset + beta
-        if shift is not None:
-            offset = shift(offset, multiplier)
+        if part is not None:
+            offset = _moments.shift_gradient(offset, part.mean, multiplier)
         # (x - mean) * multiplier rather than x * multiplier - mean *
         # multiplier: the latter cancels catastrophically on large offsets.
         outputs = centered * multiplier
