@@ -11,7 +11,7 @@ inference call of a single batch-norm layer, for:
 - `keras_bn.BatchNormalization` plain, with `virtual_batch_size=32`, with
   a ragged last ghost batch (the batch minus 6: 250 for 256, so the last
   ghost batch has 26 samples), with a mask (10 % of the positions masked),
-  and with renorm;
+  and with renorm, beside Keras's layer with renorm;
 - the floor: `x * a + b` with per-channel `a` and `b`, the least that any
   layer reading and writing a tensor of that shape can cost.
 
@@ -90,6 +90,11 @@ def variants(policy):
         "ghost_32_ragged": Variant(ghost, batch_change=-RAGGED),
         "masked": Variant(keras_bn_layer(), masked=True),
         "renorm": Variant(keras_bn_layer(renorm=True)),
+        # Renorm's own reference: a step that takes three more variables
+        # costs more, for Keras's layer too.
+        "keras_renorm": Variant(
+            lambda: keras.layers.BatchNormalization(dtype=policy, renorm=True)
+        ),
         "floor": Variant(lambda: Floor(dtype=policy)),
     }
 
@@ -334,11 +339,18 @@ def run_case(case, engine, repeats, warmup, seed):
                 break
             steps[name, mode] = step
             arguments[name, mode] = args
-    calls = {
-        key: (lambda step=step, args=arguments[key]: step(*args))
-        for key, step in steps.items()
-    }
-    times = time_rounds(calls, repeats, warmup)
+    # Training steps and inference calls are timed in rounds of their own:
+    # a call's time depends on the call before it, whose buffers the
+    # allocator hands on. (Calls in a random order, each after a different
+    # one, all paid for fresh pages and ran up to 4 times slower.)
+    times = {}
+    for mode in ("train", "inference"):
+        calls = {
+            key: (lambda step=step, args=arguments[key]: step(*args))
+            for key, step in steps.items()
+            if key[1] == mode
+        }
+        times.update(time_rounds(calls, repeats, warmup))
     x = arguments["keras", "train"][2]
     bandwidth = copy_bandwidth(x, repeats, warmup)
 

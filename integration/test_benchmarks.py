@@ -17,6 +17,7 @@ VARIANTS = {
     "ghost_32_ragged",
     "masked",
     "renorm",
+    "keras_renorm",
     "floor",
 }
 

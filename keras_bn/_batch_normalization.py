@@ -309,8 +309,9 @@ class BatchNormalization(keras.layers.Layer):
         else:
             if self.inference_statistics == "batch":
                 stats = _moments.moments(inputs, self._reduction_axes, mask)
-                (part,) = stats.parts
-                outputs = self._normalize(part)
+                outputs = stats.ungroup(
+                    [self._normalize(p) for p in stats.parts]
+                )
             else:
                 outputs = self._normalize_moving(inputs)
         return ops.cast(outputs, self.compute_dtype)

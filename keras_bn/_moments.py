@@ -20,6 +20,7 @@ statistics of its own: nothing is padded and nothing masked.
 
 import collections
 
+import keras
 from keras import ops
 
 Moments = collections.namedtuple(
@@ -166,13 +167,26 @@ def moments(
     # Without the batch axis among `axes`, every sample has statistics of
     # its own already.
     grouped = not (group_size is None or one_group or 0 not in axes)
+    # A single group of the whole batch is one view too, on TensorFlow, in
+    # the grouped layout: `(1, elements, features)` (see `Part`). XLA on CPU
+    # reduces it over axis 1 3.5 times faster than the input over all its
+    # other axes, or than `(elements, features)` over axis 0. XLA for JAX
+    # is faster with the input's own layout.
+    whole_batch = (
+        not grouped and 0 in axes and keras.backend.backend() == "tensorflow"
+    )
     if grouped:
         groups = Groups(ops.shape(x)[0], group_size, num_shards)
         views = groups.split(x)
         masks = [None] * len(views) if mask is None else groups.split(mask)
-        view_axes = [1] + [axis + 1 for axis in axes if axis != 0]
+    elif whole_batch:
+        views = [ops.expand_dims(x, 0)]
+        masks = [None if mask is None else ops.expand_dims(mask, 0)]
     else:
         views, masks, view_axes = [x], [mask], axes
+    in_groups = grouped or whole_batch
+    if in_groups:
+        view_axes = [1] + [axis + 1 for axis in axes if axis != 0]
     # The statistics of the feature axes, in the input's rank.
     statistics_shape = [
         1 if axis in axes else size for axis, size in enumerate(x.shape)
@@ -183,14 +197,14 @@ def moments(
             values,
             view_axes,
             view_mask,
-            grouped,
-            None if grouped or not synchronized else replica_sum,
+            in_groups,
+            replica_sum if synchronized else None,
         )
         parts.append(part)
         totals.append(
             [
                 ops.reshape(
-                    ops.sum(value, axis=0) if grouped else value,
+                    ops.sum(value, axis=0) if in_groups else value,
                     statistics_shape,
                 )
                 for value in sums
@@ -223,6 +237,11 @@ def moments(
                     for output, shape in zip(outputs, view_shapes, strict=True)
                 ]
             )
+
+    elif whole_batch:
+
+        def ungroup(outputs):
+            return ops.reshape(_only(outputs), ops.shape(x))
 
     else:
         ungroup = _only
