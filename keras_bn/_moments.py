@@ -87,8 +87,9 @@ class Groups:
         if self.exact:
             return [ops.reshape(values, (-1, self.group_size) + rest)]
         shards = ops.reshape(values, (self.num_shards, -1) + rest)
-        full = ops.reshape(shards[:, : self.full], (-1, self.group_size) + rest)
-        return [full, shards[:, self.full :]]
+        full, last = _split(shards, self.full)
+        full = ops.reshape(full, (-1, self.group_size) + rest)
+        return [full, last]
 
     def spread(self, statistics):
         """Gives each sample the statistic of its group: the inverse of
@@ -312,6 +313,18 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     (squares,) = _replica_sum(replica_sum, (squares,))
     part = Part(mean, squares / safe_counts, centered, feature_shape)
     return part, sums, squares, counts
+
+
+def _split(values, size):
+    """`values[:, :size]` and `values[:, size:]`.
+
+    On PyTorch, as one `Tensor.split`, whose gradient is one concatenation:
+    the gradient of two slices is two zero-filled tensors of the whole
+    input's size, each with its slice copied in, then added.
+    """
+    if keras.backend.backend() == "torch":
+        return values.split([size, values.shape[1] - size], dim=1)
+    return values[:, :size], values[:, size:]
 
 
 def _kept(values, axes):
