@@ -65,7 +65,8 @@ class Groups:
 
     `split` views a tensor as `(num_shards * full_groups, group_size, ...)`
     and, unless the shard is known to be a multiple of `group_size`, as
-    `(num_shards, rest, ...)` for the last groups; `merge` undoes it.
+    `(num_shards, rest, ...)` for the last groups; `merge` undoes it, and
+    `spread` gives each sample the statistics of its group.
 
     Args:
         batch: The batch size: a Python int, or a scalar tensor when it is
@@ -82,12 +83,15 @@ class Groups:
         self.full = shard // group_size * group_size
         self.exact = isinstance(shard, int) and shard == self.full
 
-    def split(self, values):
+    def split(self, values, merged=True):
+        """The views of `values`; `merged` says whether tensors computed
+        from them are merged back (and make its whole gradient), rather
+        than only reduced to statistics."""
         rest = tuple(values.shape[1:])
         if self.exact:
             return [ops.reshape(values, (-1, self.group_size) + rest)]
         shards = ops.reshape(values, (self.num_shards, -1) + rest)
-        full, last = _split(shards, self.full)
+        full, last = _split(shards, self.full, merged)
         full = ops.reshape(full, (-1, self.group_size) + rest)
         return [full, last]
 
@@ -176,9 +180,15 @@ def moments(
     whole_batch = (
         not grouped and 0 in axes and keras.backend.backend() == "tensorflow"
     )
+    spread = False
     if grouped:
         groups = Groups(ops.shape(x)[0], group_size, num_shards)
-        views = groups.split(x)
+        # Two views would need their outputs joined, a copy of the whole
+        # output. When a sample has several elements per feature, its
+        # statistics are much smaller than it: they are spread to every
+        # sample, and the input normalized in its own layout.
+        spread = not groups.exact and len(axes) > 1
+        views = groups.split(x, merged=not spread)
         masks = [None] * len(views) if mask is None else groups.split(mask)
     elif whole_batch:
         views = [ops.expand_dims(x, 0)]
@@ -212,12 +222,9 @@ def moments(
             ]
         )
 
-    if grouped and not groups.exact and len(view_axes) > 1:
-        # Two views would need their outputs joined, a copy of the whole
-        # output. When a sample has several elements per feature, its
-        # statistics are much smaller than it: spread them to every sample
-        # and normalize the input in its own layout.
-        def spread(name):
+    if spread:
+
+        def spread_statistic(name):
             return groups.spread(
                 [
                     ops.reshape(getattr(part, name), _kept(view, view_axes))
@@ -225,7 +232,8 @@ def moments(
                 ]
             )
 
-        mean, variance = spread("mean"), spread("variance")
+        mean = spread_statistic("mean")
+        variance = spread_statistic("variance")
         parts = [Part(mean, variance, center(x, mean), statistics_shape)]
         ungroup = _only
     elif grouped:
@@ -315,14 +323,17 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     return part, sums, squares, counts
 
 
-def _split(values, size):
+def _split(values, size, merged):
     """`values[:, :size]` and `values[:, size:]`.
 
-    On PyTorch, as one `Tensor.split`, whose gradient is one concatenation:
-    the gradient of two slices is two zero-filled tensors of the whole
-    input's size, each with its slice copied in, then added.
+    On PyTorch, when the outputs of both are `merged` back into a tensor of
+    the input's size, as one `Tensor.split`, whose gradient is one
+    concatenation: the gradient of two slices is two zero-filled tensors of
+    the input's size, each with its slice copied in, then added. (When
+    they only feed statistics, `torch.compile` fuses the slices' gradients,
+    and not the concatenation: 1.6 times the memory.)
     """
-    if keras.backend.backend() == "torch":
+    if merged and keras.backend.backend() == "torch":
         return values.split([size, values.shape[1] - size], dim=1)
     return values[:, :size], values[:, size:]
 
