@@ -31,6 +31,11 @@ on PyTorch on CPU. Bandwidth is the training step's essential traffic
 gradient) per second, as a fraction of what a plain copy of the input
 achieves on the same device.
 
+The whole measurement runs in `--processes` fresh processes (3 by
+default), and every figure is the median over them: a ratio can move by a
+quarter from one process to the next (with where the allocator puts the
+buffers), much more than from one round to the next.
+
 It prints a Markdown table per case and writes `speed_BACKEND.json` and
 `speed_BACKEND.md` into `--output-dir`. It runs unchanged on a GPU.
 
@@ -47,6 +52,9 @@ import collections
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 import keras
@@ -466,6 +474,53 @@ def _ratio(row, key):
     return f"{row[key]:.2f}" if key in row else "n/a"
 
 
+def median_results(runs):
+    """Results with every figure the median of its value in `runs` (lists
+    of results of the same cases and engines)."""
+    merged = []
+    for results in zip(*runs, strict=True):
+        variants = {}
+        for name in results[0]["variants"]:
+            rows = [result["variants"][name] for result in results]
+            errors = [row["error"] for row in rows if "error" in row]
+            variants[name] = (
+                {"error": errors[0]}
+                if errors
+                else {
+                    key: float(np.median([row[key] for row in rows]))
+                    for key in rows[0]
+                }
+            )
+        bandwidths = [r["copy_bandwidth_bytes_per_second"] for r in results]
+        merged.append(
+            {
+                **results[0],
+                "copy_bandwidth_bytes_per_second": float(np.median(bandwidths)),
+                "variants": variants,
+            }
+        )
+    return merged
+
+
+def run_processes(args):
+    """Runs the measurement in `args.processes` fresh processes; returns
+    the results of each."""
+    runs = []
+    with tempfile.TemporaryDirectory() as directory:
+        for index in range(args.processes):
+            output = os.path.join(directory, str(index))
+            command = [sys.executable, __file__, "--processes", "1"]
+            command += ["--repeats", str(args.repeats)]
+            command += ["--warmup", str(args.warmup), "--seed", str(args.seed)]
+            command += ["--output-dir", output] + ["--tiny"] * args.tiny
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            backend = keras.backend.backend()
+            with open(os.path.join(output, f"speed_{backend}.json")) as file:
+                runs.append(json.load(file)["results"])
+            print(f"process {index + 1} of {args.processes} done", flush=True)
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -474,6 +529,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=3,
+        help="fresh processes to measure in, each figure their median",
+    )
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -488,11 +549,18 @@ def main():
         f"{env['backend']} on {env['device']}, {env['cpu_count']} CPUs, "
         f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}"
     )
-    results = []
-    for case in cases(args.tiny):
-        for engine in engines():
-            results.append(run_case(case, engine, repeats, warmup, args.seed))
-            print(markdown(results[-1:]), flush=True)
+    if args.processes > 1:
+        results = median_results(run_processes(args))
+        print(markdown(results))
+    else:
+        results = []
+        for case in cases(args.tiny):
+            for engine in engines():
+                results.append(
+                    run_case(case, engine, repeats, warmup, args.seed)
+                )
+                print(markdown(results[-1:]), flush=True)
+    env["processes"] = args.processes
 
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, f"speed_{env['backend']}")

@@ -1,6 +1,7 @@
 """The speed benchmark keeps working: `benchmarks/speed.py --tiny` runs on
-every backend and writes a complete report (every case, engine and variant,
-with finite timings, ratios and memory figures)."""
+every backend, in two processes whose figures it combines, and writes a
+complete report (every case, engine and variant, with finite timings,
+ratios and memory figures)."""
 
 import json
 import math
@@ -25,11 +26,18 @@ VARIANTS = {
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_speed_benchmark_runs(tmp_path, backend):
     result = backend_process.run(
-        backend, "benchmarks/speed.py", "--tiny", "--output-dir", tmp_path
+        backend,
+        "benchmarks/speed.py",
+        "--tiny",
+        "--processes",
+        "2",
+        "--output-dir",
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / f"speed_{backend}.json").read_text())
     assert report["environment"]["backend"] == backend
+    assert report["environment"]["processes"] == 2
     cases = [(r["case"], r["engine"]) for r in report["results"]]
     expected = [
         (case, engine)
