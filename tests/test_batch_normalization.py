@@ -616,9 +616,15 @@ def test_ghost_matches_tf_keras_virtual_batch_size():
             )
 
 
-def test_dynamic_batch_compiled():
-    """A compiled step with an unknown batch size takes ragged batches."""
-    layer = keras_bn.BatchNormalization(virtual_batch_size=4, momentum=0.0)
+@pytest.mark.parametrize(
+    "virtual_batch_size", [4, None], ids=["ghost_batches", "whole_batch"]
+)
+def test_dynamic_batch_compiled(virtual_batch_size):
+    """A compiled step with an unknown batch size takes any batch, ragged
+    ghost batches included."""
+    layer = keras_bn.BatchNormalization(
+        virtual_batch_size=virtual_batch_size, momentum=0.0
+    )
     layer.build((None, 3))
     x = _normal((10, 3), loc=1.0, scale=2.0)
 
@@ -634,7 +640,9 @@ def test_dynamic_batch_compiled():
     compiled = compile_with_dynamic_batch(step, x)
     for batch in (10, 4, 3, 9):
         outputs, moving_variance = compiled(x[:batch])
-        expected = reference.batch_norm(x[:batch], virtual_batch_size=4)
+        expected = reference.batch_norm(
+            x[:batch], virtual_batch_size=virtual_batch_size
+        )
         np.testing.assert_allclose(
             to_numpy(outputs), expected["outputs"], rtol=RTOL, atol=ATOL
         )
