@@ -72,3 +72,17 @@ def test_speed_benchmark_runs(tmp_path, backend):
         assert rows["keras"]["train_vs_keras"] == 1.0
     table = (tmp_path / f"speed_{backend}.md").read_text()
     assert table.count("| keras_bn |") == len(expected)
+
+
+@pytest.mark.parametrize("backend", ("tensorflow", "jax"))
+def test_reductions_benchmark_runs(backend):
+    result = backend_process.run(
+        backend, "benchmarks/reductions.py", "--repeats", "2"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line for line in result.stdout.splitlines() if line[:2] == "| "]
+    # The header, its rule, and a row of two finite timings per reduction.
+    assert len(rows) == 2 + 7, result.stdout
+    for row in rows[2:]:
+        timings = [float(cell) for cell in row.strip("| ").split(" | ")[-2:]]
+        assert all(math.isfinite(t) and t > 0 for t in timings), row
