@@ -175,8 +175,8 @@ def moments(
     # A single group of the whole batch is one view too, on TensorFlow, in
     # the grouped layout: `(1, elements, features)` (see `Part`). XLA on CPU
     # reduces it over axis 1 3.5 times faster than the input over all its
-    # other axes, or than `(elements, features)` over axis 0. XLA for JAX
-    # is faster with the input's own layout.
+    # other axes, or than `(elements, features)` over axis 0; XLA for JAX
+    # is faster with the input's own layout (`benchmarks/reductions.py`).
     whole_batch = (
         not grouped and 0 in axes and keras.backend.backend() == "tensorflow"
     )
