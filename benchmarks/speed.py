@@ -33,8 +33,8 @@ achieves on the same device.
 
 The whole measurement runs in `--processes` fresh processes (3 by
 default), and every figure is the median over them: a ratio can move by a
-quarter from one process to the next (with where the allocator puts the
-buffers), much more than from one round to the next.
+quarter from one process to the next, much more than from one round to
+the next.
 
 It prints a Markdown table per case and writes `speed_BACKEND.json` and
 `speed_BACKEND.md` into `--output-dir`. It runs unchanged on a GPU.
