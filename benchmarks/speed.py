@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import keras
 import numpy as np
@@ -185,8 +186,17 @@ def make_step(layer, training, engine):
     import torch
 
     # torch.compile compiles the layer; autograd runs the backward pass it
-    # compiled with it, as in a compiled model's training loop.
-    compiled = torch.compile(forward) if engine == "compile" else forward
+    # compiled with it, as in a compiled model's training loop. Dynamo keeps
+    # its compilations per code object, at most 8 of them, then runs the
+    # function eagerly: every step gets a code object of its own.
+    compiled = forward
+    if engine == "compile":
+        own_code = types.FunctionType(
+            forward.__code__.replace(),
+            forward.__globals__,
+            closure=forward.__closure__,
+        )
+        compiled = torch.compile(own_code)
 
     def train(trainable, non_trainable, x, mask, upstream):
         trainable = [t.detach().requires_grad_(True) for t in trainable]
