@@ -189,7 +189,9 @@ def moments(
         # sample, and the input normalized in its own layout.
         spread = not groups.exact and len(axes) > 1
         views = groups.split(x, merged=not spread)
-        masks = [None] * len(views) if mask is None else groups.split(mask)
+        masks = [None] * len(views)
+        if mask is not None:
+            masks = groups.split(mask, merged=not spread)
     elif whole_batch:
         views = [ops.expand_dims(x, 0)]
         masks = [None if mask is None else ops.expand_dims(mask, 0)]
@@ -273,9 +275,9 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     is not in `axes` then), else one group, with the sums, squares and
     counts behind it; `replica_sum` sums those over replicas. The sums,
     squares and counts are in the part's layout."""
-    # The grouped layout gets merged axes (see `Part`); a whole batch keeps
-    # the input's, which XLA reduces as fast, and where merging makes it
-    # materialize converted copies of 16-bit inputs.
+    # The grouped layout gets merged axes (see `Part`). Otherwise the input
+    # keeps its own layout: XLA for JAX reduces it as fast, and merging its
+    # axes makes it materialize converted copies of 16-bit inputs.
     runs = []
     for axis in range(len(x.shape)):
         if grouped and runs and (axis in axes) == (runs[-1][0] in axes):
