@@ -16,6 +16,12 @@ group_size, ...)` (a reshape, which copies nothing) and every statistic is
 one reduction over that view. When a shard is not a multiple of the group
 size, its last, smaller group is a second view, `(shards, rest, ...)`, with
 statistics of its own: nothing is padded and nothing masked.
+
+Each layout has a class of its own, and `_layout` picks one per call:
+`InputLayout` (the whole batch as it comes), `WholeBatch` (the whole batch
+as one group view, on TensorFlow), `EqualGroups`, `RaggedGroups` (two
+views, outputs joined) and `SpreadGroups` (two views, statistics spread
+back to the input's layout).
 """
 
 import collections
@@ -29,8 +35,8 @@ Moments = collections.namedtuple(
 Moments.__doc__ = """Statistics of one training batch.
 
 `parts` holds the statistics each sample is normalized with, as `Part`s:
-one for a single group, or one per view of the grouped layout (see
-`Groups`). `ungroup` takes a tensor per part, shaped like that part's
+one for a single group, or one per view of a grouped layout (see
+`InputLayout`). `ungroup` takes a tensor per part, shaped like that part's
 `centered`, and returns them as one tensor in the input's layout.
 
 `batch_mean` and `batch_variance` are the averages of the groups' means and
@@ -135,8 +141,9 @@ def moments(
     Args:
         x: Floating tensor; statistics are computed in its dtype.
         axes: Axes to reduce, axis 0 (the batch axis) among them.
-        mask: Optional boolean tensor broadcastable to `x`, with size 1 on the
-            feature axes. Positions where it is `False` are left out.
+        mask: Optional boolean tensor of `x`'s rank, with the size of `x`
+            or 1 on each axis, and the size of `x` on axis 0. Positions
+            where it is `False` are left out.
         virtual_batch_size: Optional Python int. When set, every ghost batch
             of that many consecutive samples of a shard is a group.
         synchronized: Python bool. Without `virtual_batch_size`, `True`
@@ -154,109 +161,22 @@ def moments(
         A `Moments` tuple. An empty (fully masked) group has mean and
         variance 0 and a count of 0.
     """
-    batch = x.shape[0]
-    if num_shards > 1 and (batch is None or batch % num_shards):
-        raise ValueError(
-            "The batch size must be a multiple of the number of devices the "
-            f"batch is split over. Received: batch size {batch} on "
-            f"{num_shards} devices"
-        )
     synchronized = synchronized and virtual_batch_size is None
-    group_size = None
-    if not synchronized:
-        shard = None if batch is None else batch // num_shards
-        group_size = virtual_batch_size or shard
-        if group_size is not None and shard is not None:
-            group_size = min(group_size, shard)
-    one_group = num_shards == 1 and group_size == batch
-    # Without the batch axis among `axes`, every sample has statistics of
-    # its own already.
-    grouped = not (group_size is None or one_group or 0 not in axes)
-    # A single group of the whole batch is one view too, on TensorFlow, in
-    # the grouped layout: `(1, elements, features)` (see `Part`). XLA on CPU
-    # reduces it over axis 1 3.5 times faster than the input over all its
-    # other axes, or than `(elements, features)` over axis 0; XLA for JAX
-    # is faster with the input's own layout (`benchmarks/reductions.py`).
-    whole_batch = (
-        not grouped and 0 in axes and keras.backend.backend() == "tensorflow"
-    )
-    spread = False
-    if grouped:
-        groups = Groups(ops.shape(x)[0], group_size, num_shards)
-        # Two views would need their outputs joined, a copy of the whole
-        # output. When a sample has several elements per feature, its
-        # statistics are much smaller than it: they are spread to every
-        # sample, and the input normalized in its own layout.
-        spread = not groups.exact and len(axes) > 1
-        views = groups.split(x, merged=not spread)
-        masks = [None] * len(views)
-        if mask is not None:
-            masks = groups.split(mask, merged=not spread)
-    elif whole_batch:
-        views = [ops.expand_dims(x, 0)]
-        masks = [None if mask is None else ops.expand_dims(mask, 0)]
-    else:
-        views, masks, view_axes = [x], [mask], axes
-    in_groups = grouped or whole_batch
-    if in_groups:
-        view_axes = [1] + [axis + 1 for axis in axes if axis != 0]
-    # The statistics of the feature axes, in the input's rank.
-    statistics_shape = [
-        1 if axis in axes else size for axis, size in enumerate(x.shape)
-    ]
+    layout = _layout(x, axes, virtual_batch_size, synchronized, num_shards)
+    masks = [None] * len(layout.views)
+    if mask is not None:
+        masks = layout.split(mask)
     parts, totals = [], []
-    for values, view_mask in zip(views, masks, strict=True):
+    for view, view_mask in zip(layout.views, masks, strict=True):
         part, *sums = _group_moments(
-            values,
-            view_axes,
+            view,
+            layout.axes,
             view_mask,
-            in_groups,
+            layout.grouped,
             replica_sum if synchronized else None,
         )
         parts.append(part)
-        totals.append(
-            [
-                ops.reshape(
-                    ops.sum(value, axis=0) if in_groups else value,
-                    statistics_shape,
-                )
-                for value in sums
-            ]
-        )
-
-    if spread:
-
-        def spread_statistic(name):
-            return groups.spread(
-                [
-                    ops.reshape(getattr(part, name), _kept(view, view_axes))
-                    for part, view in zip(parts, views, strict=True)
-                ]
-            )
-
-        mean = spread_statistic("mean")
-        variance = spread_statistic("variance")
-        parts = [Part(mean, variance, center(x, mean), statistics_shape)]
-        ungroup = _only
-    elif grouped:
-        view_shapes = [ops.shape(view) for view in views]
-
-        def ungroup(outputs):
-            return groups.merge(
-                [
-                    ops.reshape(output, shape)
-                    for output, shape in zip(outputs, view_shapes, strict=True)
-                ]
-            )
-
-    elif whole_batch:
-
-        def ungroup(outputs):
-            return ops.reshape(_only(outputs), ops.shape(x))
-
-    else:
-        ungroup = _only
-    # The totals of the parts.
+        totals.append([layout.total(value) for value in sums])
     sums, squares, counts = (
         sum(values[1:], values[0]) for values in zip(*totals, strict=True)
     )
@@ -266,8 +186,166 @@ def moments(
         )
     safe_counts = _at_least_one(counts)
     return Moments(
-        parts, sums / safe_counts, squares / safe_counts, counts, ungroup
+        layout.parts(parts),
+        sums / safe_counts,
+        squares / safe_counts,
+        counts,
+        layout.ungroup,
     )
+
+
+def _layout(x, axes, virtual_batch_size, synchronized, num_shards):
+    """The layout `moments` reduces `x` in: the groups it asks for, and
+    the fastest view of them."""
+    batch = x.shape[0]
+    if num_shards > 1 and (batch is None or batch % num_shards):
+        raise ValueError(
+            "The batch size must be a multiple of the number of devices the "
+            f"batch is split over. Received: batch size {batch} on "
+            f"{num_shards} devices"
+        )
+    if 0 not in axes:
+        # Every sample has statistics of its own already.
+        return InputLayout(x, axes)
+    group_size = None
+    if not synchronized:
+        shard = None if batch is None else batch // num_shards
+        group_size = virtual_batch_size or shard
+        if group_size is not None and shard is not None:
+            group_size = min(group_size, shard)
+    if group_size is None or (num_shards == 1 and group_size == batch):
+        # See `WholeBatch` for why TensorFlow reduces a view of its own.
+        if keras.backend.backend() == "tensorflow":
+            return WholeBatch(x, axes)
+        return InputLayout(x, axes)
+    groups = Groups(ops.shape(x)[0], group_size, num_shards)
+    if groups.exact:
+        return EqualGroups(x, axes, groups)
+    if len(axes) > 1:
+        return SpreadGroups(x, axes, groups)
+    return RaggedGroups(x, axes, groups)
+
+
+class InputLayout:
+    """One group, the whole batch, in the input's own layout: XLA for JAX
+    reduces it as fast as any view, and merging its axes makes it
+    materialize converted copies of 16-bit inputs. Also the layout when
+    the batch axis is kept, each sample a group of its own.
+
+    Every layout has `views` of the input, each reduced over `axes` into
+    a `Part`; `grouped` says whether axis 0 of a view indexes its groups.
+    `split` views another tensor (a mask) as the input; `total` makes a
+    view's sums the sums of the whole batch, in the input's rank; `parts`
+    gives the parts the input is normalized with; and `ungroup` takes a
+    tensor per part, shaped like its `centered`, and returns them as one
+    tensor in the input's layout.
+    """
+
+    grouped = False
+
+    def __init__(self, x, axes):
+        self.x = x
+        self.axes = list(axes)
+        self.statistics_shape = [
+            1 if axis in axes else size for axis, size in enumerate(x.shape)
+        ]
+        self.views = self.split(x)
+
+    def split(self, values):
+        return [values]
+
+    def total(self, value):
+        return ops.reshape(value, self.statistics_shape)
+
+    def parts(self, parts):
+        return parts
+
+    def ungroup(self, outputs):
+        return _only(outputs)
+
+
+class WholeBatch(InputLayout):
+    """One group, the whole batch, viewed as `(1, elements, features)`.
+
+    XLA on CPU in TensorFlow reduces that view over axis 1 3.5 times faster
+    than the input over all its other axes, or than `(elements, features)`
+    over axis 0 (`benchmarks/reductions.py`; see `Part`).
+    """
+
+    grouped = True
+
+    def __init__(self, x, axes):
+        super().__init__(x, axes)
+        self.axes = [1] + [axis + 1 for axis in axes if axis != 0]
+
+    def split(self, values):
+        return [ops.expand_dims(values, 0)]
+
+    def total(self, value):
+        return super().total(ops.sum(value, axis=0))
+
+    def ungroup(self, outputs):
+        return ops.reshape(_only(outputs), ops.shape(self.x))
+
+
+class EqualGroups(WholeBatch):
+    """Groups of equal size (see `Groups`), one view `(groups, size, ...)`:
+    a reshape, which copies nothing."""
+
+    def __init__(self, x, axes, groups):
+        self.groups = groups
+        super().__init__(x, axes)
+
+    def split(self, values):
+        return self.groups.split(values)
+
+    def ungroup(self, outputs):
+        return self.groups.merge(
+            [
+                ops.reshape(output, ops.shape(view))
+                for output, view in zip(outputs, self.views, strict=True)
+            ]
+        )
+
+
+class RaggedGroups(EqualGroups):
+    """Groups whose last one in a shard is smaller: the full groups and the
+    last ones are two views, each normalized on its own, and their
+    outputs joined into one tensor."""
+
+
+class SpreadGroups(RaggedGroups):
+    """Ragged groups of samples that have several elements per feature.
+
+    Joining two views' outputs would copy the whole output; the statistics
+    are much smaller than the input, so they are spread to every sample
+    instead (`Groups.spread`), and the input normalized in its own layout.
+    """
+
+    def split(self, values):
+        return self.groups.split(values, merged=False)
+
+    def parts(self, parts):
+        def spread(name):
+            return self.groups.spread(
+                [
+                    ops.reshape(getattr(part, name), _kept(view, self.axes))
+                    for part, view in zip(parts, self.views, strict=True)
+                ]
+            )
+
+        mean = spread("mean")
+        return [
+            Part(
+                mean,
+                spread("variance"),
+                center(self.x, mean),
+                self.statistics_shape,
+            )
+        ]
+
+    def ungroup(self, outputs):
+        return _only(outputs)
 
 
 def _group_moments(x, axes, mask, grouped, replica_sum):
@@ -275,9 +353,8 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     is not in `axes` then), else one group, with the sums, squares and
     counts behind it; `replica_sum` sums those over replicas. The sums,
     squares and counts are in the part's layout."""
-    # The grouped layout gets merged axes (see `Part`). Otherwise the input
-    # keeps its own layout: XLA for JAX reduces it as fast, and merging its
-    # axes makes it materialize converted copies of 16-bit inputs.
+    # The grouped layouts get merged axes (see `Part`); `InputLayout` keeps
+    # the input's.
     runs = []
     for axis in range(len(x.shape)):
         if grouped and runs and (axis in axes) == (runs[-1][0] in axes):
