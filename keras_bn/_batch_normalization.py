@@ -646,9 +646,9 @@ def _standardize_renorm_clipping(clipping):
     unknown = set(clipping) - set(_RENORM_CLIPPING_KEYS)
     if unknown:
         raise ValueError(
-            f"`renorm_clipping` has unknown keys {sorted(unknown)}; the "
-            f"supported keys are {_RENORM_CLIPPING_KEYS}. Received: "
-            f"renorm_clipping={clipping}"
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{sorted(unknown)}; the supported keys are "
+            f"{_RENORM_CLIPPING_KEYS}. Received: renorm_clipping={clipping}"
         )
     clipping = {
         key: None if value is None else float(value)
@@ -657,12 +657,12 @@ def _standardize_renorm_clipping(clipping):
     rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
     if rmin is not None and rmax is not None and rmax < rmin:
         raise ValueError(
-            "`renorm_clipping` must have rmax >= rmin. Received: "
-            f"renorm_clipping={clipping}"
+            "rmax should be greater than rmin in the `renorm_clipping` "
+            f"argument. Received: renorm_clipping={clipping}"
         )
     if dmax is not None and dmax < 0:
         raise ValueError(
-            "`renorm_clipping` must have dmax >= 0. Received: "
-            f"renorm_clipping={clipping}"
+            "dmax should be non-negative in the `renorm_clipping` "
+            f"argument. Received: renorm_clipping={clipping}"
         )
     return clipping

@@ -58,3 +58,12 @@ def fresh_keras_state():
     yield
     keras.config.set_dtype_policy("float32")
     keras.backend.clear_session()
+
+
+def pytest_report_header(config):
+    from tests.test_keras_suite import SUITE_PATH
+
+    return (
+        f"Keras {keras.__version__}, backend {keras.backend.backend()}; "
+        f"Keras's own batch normalization tests: {SUITE_PATH}"
+    )

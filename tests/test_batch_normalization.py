@@ -995,17 +995,19 @@ BAD_ARGUMENTS = {
         {"axis": [0, 2], "virtual_batch_size": 4},
         "batch axis 0",
     ),
+    # The renorm_clipping messages also hold the phrases Keras's own tests
+    # match (tests/test_keras_suite.py).
     "renorm_clipping_key": (
         {"renorm": True, "renorm_clipping": {"rmax": 2.0, "r_max": 3.0}},
-        "r_max",
+        "Received invalid keys.*r_max.*Received: renorm_clipping=",
     ),
     "renorm_clipping_rmax_below_rmin": (
         {"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 1.0}},
-        "rmax >= rmin",
+        "rmax should be greater than rmin.*'rmax': 0.5, 'rmin': 1.0",
     ),
     "renorm_clipping_dmax_negative": (
         {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
-        "'dmax': -1.0",
+        "dmax should be non-negative.*'dmax': -1.0",
     ),
 }
 
