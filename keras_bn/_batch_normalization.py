@@ -11,19 +11,23 @@ from keras import regularizers
 
 from keras_bn import _distribute
 from keras_bn import _moments
+from keras_bn import _remat
 
 _INFERENCE_STATISTICS = ("moving", "batch")
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
 @keras.saving.register_keras_serializable(package="keras_bn")
-class BatchNormalization(keras.layers.Layer):
+class BatchNormalization(keras.layers.BatchNormalization):
     """Batch normalization with ghost batches, on every Keras backend.
 
     A drop-in replacement for `keras.layers.BatchNormalization`: with the same
     arguments it computes the same outputs, gradients and moving statistics,
     and has the same weights, in the same order, under the same names, so
-    weights saved from one load into the other. On top of it:
+    weights saved from one load into the other. It is an instance of
+    `keras.layers.BatchNormalization` too, so that code finding batch norms
+    by class (fine-tuning recipes that keep them frozen, folding and
+    quantization tools) finds it. On top of it:
 
     - **Ghost batches** (`virtual_batch_size`): the training batch is split
       into consecutive ghost batches of `virtual_batch_size` samples, each
@@ -36,8 +40,8 @@ class BatchNormalization(keras.layers.Layer):
       `virtual_batch_size`.
     - **Several feature axes** (`axis` as a list), any rank from 2, channels
       first or last; the parameters get the shape of those axes.
-    - **Masks on any layout**: the mask has the input's shape without the
-      feature axes; masked positions are left out of the statistics.
+    - **Masks on any layout**: besides Keras's masks, a mask of the
+      input's rank, broadcast to it (see `mask` below).
     - **Prediction-time batch statistics** (`inference_statistics="batch"`,
       Nado et al., 2020): inference normalizes each batch with its own
       statistics, for inputs whose distribution has shifted.
@@ -117,8 +121,15 @@ class BatchNormalization(keras.layers.Layer):
         training: Python boolean. `True` normalizes with the statistics of
             the batch and updates the moving statistics; `False` or `None`
             runs in inference mode.
-        mask: Optional boolean tensor with the input's shape without the
-            feature axes. `False` positions are left out of the statistics.
+        mask: Optional boolean tensor that broadcasts to the input, read
+            as by Keras's layer when it has one axis less than the input
+            (a last axis of size 1 is added: the masks of `Masking` and
+            `Embedding(mask_zero=True)`, whatever `axis` is), and as it is
+            when it has the input's rank (for a channels-first input
+            `(batch, channels, steps)`, a mask of steps is
+            `(batch, 1, steps)`). `False` positions are left out of the
+            statistics; a mask that varies along the feature axes gives
+            each feature a count of its own.
 
     Example:
 
@@ -156,7 +167,12 @@ class BatchNormalization(keras.layers.Layer):
         inference_statistics="moving",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # A subclass of Keras's layer, so that code which finds batch
+        # norms by class finds this one, but none of its behaviour: its
+        # `__init__` reads and validates the arguments its own way (it
+        # refuses `synchronized=True` off TensorFlow), every public method
+        # of it is overridden here, and no private one is called.
+        keras.layers.Layer.__init__(self, **kwargs)
         self.axis = _standardize_axis(axis)
         self.momentum = _unit_interval("momentum", momentum)
         self.epsilon = float(epsilon)
@@ -294,7 +310,7 @@ class BatchNormalization(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None, mask=None):
-        mask = self._standardize_mask(mask, inputs)
+        mask = standardize_mask(mask, inputs)
         # 16-bit floats overflow and lose precision in the statistics: they
         # are computed in float32 and the output cast back. float64 stays
         # float64 (Keras's own promotion would turn it into float32).
@@ -349,17 +365,29 @@ class BatchNormalization(keras.layers.Layer):
             num_shards=_distribute.batch_shards(),
             replica_sum=_distribute.replica_sum_fn(),
         )
+        # A recomputation of this call for the backward pass (remat)
+        # normalizes as the call did, and updates nothing again. The
+        # updates need no gradient: nothing of them is kept for the
+        # backward pass, which then keeps the same tensors either way.
+        update = not _remat.recomputing()
+        batch_statistics = [
+            ops.stop_gradient(value)
+            for value in (stats.batch_mean, stats.batch_variance)
+        ] + [stats.count]
         if self.renorm:
             # Read before the renorm statistics update.
-            corrections = [self._renorm_correction(p) for p in stats.parts]
-            self._update_renorm_statistics(
-                stats.batch_mean, stats.batch_variance, stats.count
+            renorm = _remat.read_once(
+                self, (self.renorm_mean, self.renorm_stddev)
             )
+            corrections = [
+                self._renorm_correction(part, *renorm) for part in stats.parts
+            ]
+            if update:
+                self._update_renorm_statistics(*batch_statistics)
         else:
             corrections = [None] * len(stats.parts)
-            self._update_moving_statistics(
-                stats.batch_mean, stats.batch_variance, stats.count
-            )
+            if update:
+                self._update_moving_statistics(*batch_statistics)
         return stats.ungroup(
             [
                 self._normalize(part, correction)
@@ -369,13 +397,14 @@ class BatchNormalization(keras.layers.Layer):
             ]
         )
 
-    def _renorm_correction(self, part):
-        """Batch renormalization's `(r, d)` for a part's statistics."""
+    def _renorm_correction(self, part, renorm_mean, renorm_stddev):
+        """Batch renormalization's `(r, d)` for a part's statistics, from
+        the renorm statistics."""
         dtype = part.mean.dtype
-        renorm_mean = self._broadcast(self.renorm_mean, dtype, part)
+        renorm_mean = self._broadcast(renorm_mean, dtype, part)
         # The floor avoids dividing by zero early in training, as in Keras.
         renorm_stddev = _clip(
-            self._broadcast(self.renorm_stddev, dtype, part),
+            self._broadcast(renorm_stddev, dtype, part),
             math.sqrt(self.epsilon),
         )
         stddev = ops.sqrt(part.variance + self.epsilon)
@@ -473,32 +502,6 @@ class BatchNormalization(keras.layers.Layer):
         shape = self._broadcast_shape if part is None else part.feature_shape
         return ops.reshape(ops.cast(weight, dtype), shape)
 
-    def _standardize_mask(self, mask, inputs):
-        """Checks a mask against the input and gives it size 1 on the
-        feature axes."""
-        if mask is None:
-            return None
-        expected = [
-            size
-            for axis, size in enumerate(inputs.shape)
-            if axis not in self._feature_axes
-        ]
-        received = list(mask.shape)
-        if len(received) != len(expected) or any(
-            a is not None and b is not None and a != b
-            for a, b in zip(received, expected, strict=True)
-        ):
-            raise ValueError(
-                "`mask` must have the input's shape without the feature axes "
-                f"(axis={self.axis}), i.e. {tuple(expected)}. Received: "
-                f"mask.shape={tuple(received)}, "
-                f"inputs.shape={tuple(inputs.shape)}"
-            )
-        mask = ops.cast(mask, "bool")
-        for axis in self._feature_axes:
-            mask = ops.expand_dims(mask, axis)
-        return mask
-
     def get_config(self):
         config = {
             "axis": self.axis,
@@ -530,6 +533,30 @@ class BatchNormalization(keras.layers.Layer):
             "inference_statistics": self.inference_statistics,
         }
         return {**super().get_config(), **config}
+
+
+def standardize_mask(mask, inputs):
+    """The mask of a call as a boolean tensor of the input's rank: Keras's
+    form, one axis less, gets a last axis of size 1, as in Keras's layer.
+    A mask that does not broadcast to the input is refused."""
+    if mask is None:
+        return None
+    ndim = len(inputs.shape)
+    received = tuple(mask.shape)
+    if len(received) == ndim - 1:
+        mask = ops.expand_dims(mask, -1)
+    if len(mask.shape) != ndim or any(
+        size not in (None, 1, input_size) and input_size is not None
+        for size, input_size in zip(mask.shape, inputs.shape, strict=True)
+    ):
+        raise ValueError(
+            "`mask` must broadcast to the input, with one axis less than the "
+            "input (Keras's form, read with a last axis of size 1) or the "
+            "input's rank (for channels first `(batch, channels, steps)`, "
+            "a mask of steps is `(batch, 1, steps)`). Received: "
+            f"mask.shape={received}, inputs.shape={tuple(inputs.shape)}"
+        )
+    return ops.cast(mask, "bool")
 
 
 def _no_data(mean, variance, count):

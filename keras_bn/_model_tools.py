@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_bn import _moments
 from keras_bn._batch_normalization import BatchNormalization
+from keras_bn._batch_normalization import standardize_mask
 
 _BATCH_NORMS = (keras.layers.BatchNormalization, BatchNormalization)
 _FOLDABLE = (
@@ -528,14 +529,9 @@ def _recording_call(layer, totals):
 
     def call(inputs, training=None, mask=None):
         x = ops.cast(inputs, "float32")
-        if isinstance(layer, BatchNormalization):
-            batch_mask = layer._standardize_mask(mask, inputs)
-        else:
-            batch_mask = (
-                None
-                if mask is None
-                else ops.expand_dims(ops.cast(mask, "bool"), -1)
-            )
+        # Keras's layer reads a mask as keras_bn's does (keras_bn also
+        # takes masks of the input's rank, which Keras's refuses).
+        batch_mask = standardize_mask(mask, inputs)
         reduction_axes = axes or [
             a for a in range(x.ndim) if a != layer.axis % x.ndim
         ]

@@ -141,9 +141,9 @@ def moments(
     Args:
         x: Floating tensor; statistics are computed in its dtype.
         axes: Axes to reduce, axis 0 (the batch axis) among them.
-        mask: Optional boolean tensor of `x`'s rank, with the size of `x`
-            or 1 on each axis, and the size of `x` on axis 0. Positions
-            where it is `False` are left out.
+        mask: Optional boolean tensor of `x`'s rank that broadcasts to it.
+            Positions where it is `False` are left out; a mask that varies
+            along the kept axes gives each feature a count of its own.
         virtual_batch_size: Optional Python int. When set, every ghost batch
             of that many consecutive samples of a shard is a group.
         synchronized: Python bool. Without `virtual_batch_size`, `True`
@@ -165,7 +165,7 @@ def moments(
     layout = _layout(x, axes, virtual_batch_size, synchronized, num_shards)
     masks = [None] * len(layout.views)
     if mask is not None:
-        masks = layout.split(mask)
+        masks = layout.split(_broadcast_mask(mask, x, axes))
     parts, totals = [], []
     for view, view_mask in zip(layout.views, masks, strict=True):
         part, *sums = _group_moments(
@@ -192,6 +192,24 @@ def moments(
         counts,
         layout.ungroup,
     )
+
+
+def _broadcast_mask(mask, x, axes):
+    """`mask` broadcast to `x`, but for size 1 on the kept axes where it is
+    the same for every feature: counts and selections stay that small."""
+    kept = [axis for axis in range(len(x.shape)) if axis not in axes]
+    per_feature = any(mask.shape[axis] != 1 for axis in kept)
+
+    def target(sizes):
+        return [
+            1 if axis in kept and not per_feature else size
+            for axis, size in enumerate(sizes)
+        ]
+
+    # An axis of unknown size in both is the batch axis: the same size.
+    if list(mask.shape) == target(x.shape):
+        return mask
+    return ops.broadcast_to(mask, target(ops.shape(x)))
 
 
 def _layout(x, axes, virtual_batch_size, synchronized, num_shards):

@@ -23,19 +23,23 @@ def _param(value, x, features, fill):
 
 def _layout(x, axis, mask):
     """x in float64, its feature and reduced axes, and the mask (all True
-    when None) with size 1 on the feature axes."""
+    when None) broadcast to x. A mask of one axis less than x has a last
+    axis of size 1, as in Keras."""
     x = np.asarray(x, np.float64)
     features = _feature_axes(axis, x.ndim)
     reduce = tuple(a for a in range(x.ndim) if a not in features)
     if mask is None:
-        mask = np.ones([x.shape[a] for a in reduce], bool)
-    mask = np.expand_dims(np.asarray(mask, bool), features)
+        mask = np.ones(x.shape, bool)
+    mask = np.asarray(mask, bool)
+    if mask.ndim == x.ndim - 1:
+        mask = mask[..., None]
+    mask = np.broadcast_to(mask, x.shape)
     return x, features, reduce, mask
 
 
 def _group_moments(x, mask, reduce):
     """Two-pass mean and variance of x over `reduce`, counting only the
-    positions where mask is True (mask has size 1 on the feature axes)."""
+    positions where mask (of x's shape) is True."""
     weights = np.broadcast_to(mask, x.shape).astype(np.float64)
     count = weights.sum(axis=reduce, keepdims=True)
     safe = np.maximum(count, 1.0)
@@ -60,7 +64,8 @@ def batch_norm(
     Args:
         x: Input array.
         axis: Feature axis or axes.
-        mask: Boolean array with x's shape without the feature axes.
+        mask: Boolean array that broadcasts to x: of x's rank, or of one
+            axis less (then read with a last axis of size 1, as in Keras).
         virtual_batch_size: Ghost batch size; None for the whole batch.
         gamma, beta: Parameters of the feature axes' shape.
         epsilon: Variance epsilon.

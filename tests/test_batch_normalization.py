@@ -275,6 +275,154 @@ def test_parity_mask():
         )
 
 
+# Every form of mask Keras's layer takes: one axis less than the input, a
+# last axis of size 1 added, broadcast to the input, whatever `axis` is.
+KERAS_MASKS = {
+    "channels_last": ({}, (6, 5, 3), (6, 5)),
+    "rank_2": ({}, (8, 3), (8,)),
+    "axis_1_per_channel": ({"axis": 1}, (5, 2, 3), (5, 2)),
+    "axis_1_shapes_coincide": ({"axis": 1}, (6, 3, 3, 3), (6, 3, 3)),
+    "axis_1_rank_4": ({"axis": 1}, (5, 3, 3, 2), (5, 3, 3)),
+    "axis_2_rank_4": ({"axis": 2}, (5, 3, 4, 2), (5, 3, 4)),
+    "broadcast": ({}, (4, 2, 3, 4), (1, 2, 1)),
+    "broadcast_batch": ({"axis": 1}, (6, 3, 4), (1, 3)),
+    "renorm_axis_1": (
+        {"axis": 1, "renorm": True, "renorm_momentum": 0.5},
+        (6, 3, 4),
+        (6, 3),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,mask_shape",
+    list(KERAS_MASKS.values()),
+    ids=list(KERAS_MASKS),
+)
+def test_parity_keras_masks(kwargs, shape, mask_shape):
+    """Outputs, moving statistics over two steps, and gradients."""
+    ours, theirs = _twin_layers({"momentum": 0.5, **kwargs}, shape)
+    rng = np.random.default_rng(5)
+    for step in range(2):
+        x = _normal(shape, seed=step, loc=1.0, scale=2.0)
+        mask = _mask_with_data(rng, mask_shape, shape, ours)
+        np.testing.assert_allclose(
+            to_numpy(ours(x, training=True, mask=mask)),
+            to_numpy(theirs(x, training=True, mask=mask)),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        for mine, keras_weight in zip(
+            ours.weights, theirs.weights, strict=True
+        ):
+            np.testing.assert_allclose(
+                to_numpy(mine),
+                to_numpy(keras_weight),
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=mine.name,
+            )
+    upstream = _normal(shape, seed=7)
+
+    def gradients(layer):
+        non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
+
+        def loss(x, *trainable):
+            y, _ = layer.stateless_call(
+                list(trainable), non_trainable, x, training=True, mask=mask
+            )
+            return ops.sum(ops.multiply(y, upstream))
+
+        trainable = [ops.copy(w) for w in layer.trainable_variables]
+        return value_and_gradients(loss, x, *trainable)[1]
+
+    for mine, keras_grad in zip(
+        gradients(ours), gradients(theirs), strict=True
+    ):
+        np.testing.assert_allclose(mine, keras_grad, rtol=RTOL, atol=1e-4)
+
+
+def _mask_with_data(rng, mask_shape, shape, layer):
+    """A random Keras mask that leaves every channel some data: a channel
+    without any is where the layers differ (see
+    `test_a_channel_without_data_keeps_its_statistics`)."""
+    while True:
+        mask = rng.random(mask_shape) > 0.4
+        expanded = np.broadcast_to(mask[..., None], shape)
+        if np.all(expanded.sum(axis=tuple(layer._reduction_axes)) > 0):
+            return mask
+
+
+def test_a_channel_without_data_keeps_its_statistics():
+    """The one difference on masks: Keras's layer moves the moving
+    statistics of a channel without unmasked elements towards 0."""
+    ours, theirs = _twin_layers({"axis": 1, "momentum": 0.5}, (4, 2, 3))
+    x = _normal((4, 2, 3), loc=1.0)
+    mask = np.ones((4, 2), bool)
+    mask[:, 1] = False
+    before = to_numpy(ours.moving_variance)
+    ours(x, training=True, mask=mask)
+    theirs(x, training=True, mask=mask)
+    np.testing.assert_array_equal(to_numpy(ours.moving_variance)[1], before[1])
+    np.testing.assert_allclose(
+        to_numpy(theirs.moving_variance)[1], before[1] * 0.5, rtol=RTOL
+    )
+    np.testing.assert_allclose(
+        to_numpy(ours.moving_variance)[0],
+        to_numpy(theirs.moving_variance)[0],
+        rtol=RTOL,
+    )
+
+
+def test_parity_masking_layer_with_axis_1():
+    """The case Keras's own tests found: `Masking` before a layer with
+    `axis=1` on `(6, 3, 3, 3)`, where the mask's shape, `(6, 3, 3)`, is
+    also that of the input without its feature axis."""
+    x = _normal((6, 3, 3, 3), loc=3.0, scale=2.0)
+    x[:4, 1, 0, :] = 0.0
+    x[2:, 2, 1:, :] = 0.0
+
+    def model(bn_cls):
+        inputs = keras.Input((3, 3, 3))
+        outputs = bn_cls(axis=1, momentum=0.0)(keras.layers.Masking()(inputs))
+        return keras.Model(inputs, outputs)
+
+    ours, theirs = (
+        model(keras_bn.BatchNormalization),
+        model(keras.layers.BatchNormalization),
+    )
+    np.testing.assert_allclose(
+        to_numpy(ours(x, training=True)),
+        to_numpy(theirs(x, training=True)),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    for mine, keras_weight in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_allclose(
+            to_numpy(mine), to_numpy(keras_weight), rtol=RTOL, atol=ATOL
+        )
+
+
+def test_mask_of_the_input_rank_is_read_as_it_is():
+    """keras-bn's own form: a channels-first mask of time steps, against
+    the float64 reference; Keras's layer refuses a mask of this rank."""
+    layer = keras_bn.BatchNormalization(axis=1, momentum=0.0)
+    x = _normal((6, 3, 4), loc=1.0)
+    mask = np.random.default_rng(2).random((6, 1, 4)) > 0.3
+    expected = reference.batch_norm(x, axis=1, mask=mask)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True, mask=mask)),
+        expected["outputs"],
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), expected["mean"], rtol=RTOL
+    )
+    with pytest.raises(ValueError):
+        keras.layers.BatchNormalization(axis=1)(x, training=True, mask=mask)
+
+
 def test_parity_mask_from_embedding():
     """A mask that Keras propagates from `Embedding(mask_zero=True)`."""
 
@@ -380,14 +528,14 @@ GHOST_CASES = {
     "channels_first_masked": (
         {"axis": 1, "virtual_batch_size": 3},
         (7, 3, 4, 2),
-        (7, 4, 2),
+        (7, 1, 4, 2),
     ),
     "several_axes": (
         {"axis": [1, -1], "virtual_batch_size": 2},
         (5, 3, 4, 2),
         None,
     ),
-    "several_axes_masked": ({"axis": (2, 1)}, (5, 3, 2, 4), (5, 4)),
+    "several_axes_masked": ({"axis": (2, 1)}, (5, 3, 2, 4), (5, 1, 1, 4)),
     "rank_5": ({"virtual_batch_size": 2}, (5, 2, 3, 2, 3), None),
     "renorm": (
         {"virtual_batch_size": 4, "renorm": True, "renorm_momentum": 0.5},
@@ -687,8 +835,8 @@ def test_masked_positions_are_ignored():
     statistics nor the outputs elsewhere."""
     shape = (6, 3, 4)
     x = _normal(shape, loc=1.0)
-    mask = np.ones((6, 4), bool)
-    mask[:, 3] = False
+    mask = np.ones((6, 1, 4), bool)
+    mask[..., 3] = False
     noisy = x.copy()
     noisy[:, :, 3] = 1e6
     layers = [
@@ -738,7 +886,7 @@ def test_empty_ghost_batch_and_empty_batch(renorm):
 
 
 @pytest.mark.parametrize(
-    "mask_shape", [(6,), (6, 3, 1), (6, 4), (5, 3)], ids=str
+    "mask_shape", [(6,), (6, 3, 3), (6, 4), (5, 3), (6, 3, 2, 1)], ids=str
 )
 def test_mask_of_wrong_shape(mask_shape):
     layer = keras_bn.BatchNormalization()
@@ -1165,3 +1313,96 @@ def test_stateless_call_returns_updated_moving_statistics():
         np.testing.assert_allclose(
             to_numpy(new), to_numpy(weight), rtol=1e-6, err_msg=weight.name
         )
+
+
+# ---------------------------------------------------------------------------
+# An instance of Keras's layer, with none of its behaviour.
+
+
+def test_is_an_instance_of_keras_layer():
+    assert isinstance(
+        keras_bn.BatchNormalization(), keras.layers.BatchNormalization
+    )
+
+
+def test_fine_tuning_recipe_finds_it():
+    """keras.io's fine-tuning recipe: unfreeze everything but the batch
+    norms, found by class."""
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3)(inputs)
+    outputs = keras_bn.BatchNormalization(virtual_batch_size=2)(hidden)
+    model = keras.Model(inputs, outputs)
+    model.trainable = False
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True
+    bn = model.layers[-1]
+    assert not bn.trainable and model.layers[1].trainable
+    before = [to_numpy(w) for w in bn.weights]
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x = _normal((8, 4), loc=1.0)
+    model.fit(x, np.ones((8, 3)), batch_size=8, verbose=0)
+    for weight, old in zip(bn.weights, before, strict=True):
+        np.testing.assert_array_equal(to_numpy(weight), old)
+
+
+def test_overrides_every_public_method_of_keras_layer():
+    ours = vars(keras_bn.BatchNormalization)
+    public = [
+        name
+        for name, value in vars(keras.layers.BatchNormalization).items()
+        if not name.startswith("_") and callable(value)
+    ]
+    assert "call" in public
+    assert [name for name in public if name not in ours] == []
+
+
+def test_calls_no_private_method_of_keras_layer(monkeypatch):
+    private = [
+        name
+        for name, value in vars(keras.layers.BatchNormalization).items()
+        if name.startswith("_")
+        and not name.startswith("__")
+        and callable(value)
+        and name not in vars(keras_bn.BatchNormalization)
+    ]
+    assert "_moments" in private
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a method of Keras's layer was called")
+
+    for name in private:
+        monkeypatch.setattr(keras.layers.BatchNormalization, name, refuse)
+    for kwargs in ({}, {"renorm": True, "virtual_batch_size": 3}):
+        layer = keras_bn.BatchNormalization(**kwargs)
+        x = _normal((7, 2, 3), loc=1.0)
+        layer(x, training=True, mask=np.arange(14).reshape(7, 2) % 3 > 0)
+        layer(x)
+        inputs = keras.Input((2, 3))
+        model = keras.Model(
+            inputs, keras_bn.BatchNormalization(**kwargs)(inputs)
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, x, verbose=0)
+
+
+def test_keras_layer_validation_does_not_apply():
+    """Keras's layer refuses `synchronized=True` off TensorFlow; keras_bn's
+    means the same on every backend, and one process trains with it."""
+    layer = keras_bn.BatchNormalization(synchronized=True, momentum=0.0)
+    x = _normal((6, 3), loc=2.0)
+    layer(x, training=True)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean),
+        reference.batch_norm(x)["mean"],
+        rtol=RTOL,
+    )
+
+
+def test_serializes_under_its_own_name():
+    layer = keras_bn.BatchNormalization(virtual_batch_size=4)
+    config = keras.saving.serialize_keras_object(layer)
+    assert config["registered_name"] == "keras_bn>BatchNormalization"
+    restored = keras.saving.deserialize_keras_object(config)
+    assert type(restored) is keras_bn.BatchNormalization
+    assert restored.virtual_batch_size == 4

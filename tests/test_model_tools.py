@@ -728,3 +728,25 @@ def test_recalibrate_named_inputs():
     np.testing.assert_allclose(
         to_numpy(layer.moving_variance), variance, rtol=1e-5
     )
+
+
+def test_tools_tell_keras_bn_from_keras_layer():
+    """keras_bn's layer is an instance of Keras's: `convert` leaves it as
+    it is, `revert` turns only it into Keras's."""
+    inputs = keras.Input((4,))
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs))
+    outputs = keras_bn.BatchNormalization(virtual_batch_size=2, epsilon=0.01)(
+        keras.layers.Dense(3)(hidden)
+    )
+    model = keras.Model(inputs, outputs)
+    converted = keras_bn.convert(model, virtual_batch_size=4)
+    layers = _batch_norms(converted)
+    assert [type(layer) for layer in layers] == [
+        keras_bn.BatchNormalization
+    ] * 2
+    assert [layer.virtual_batch_size for layer in layers] == [4, 2]
+    assert layers[1].epsilon == 0.01
+    reverted = keras_bn.revert(model)
+    assert [type(layer) for layer in _batch_norms(reverted)] == [
+        keras.layers.BatchNormalization
+    ] * 2

@@ -135,7 +135,8 @@ def configurations(draw):
     assume(policy == "float64" or condition <= MAX_CONDITION)
     if policy == "mixed_float16":
         assume(abs(offset) + 6.0 * scale < 6e4)
-    mask_kinds = ["none", "random"]
+    # Masks of every form the layer reads (see `_mask`).
+    mask_kinds = ["none", "random", "per_feature", "keras"]
     if 0 not in axes:
         mask_kinds.append("empty_rows")
     if virtual is not None and virtual < batch:
@@ -154,13 +155,24 @@ def configurations(draw):
 
 
 def _mask(config, rng):
+    """A mask of the configuration's kind: `random`, of the input's rank
+    with size 1 on the feature axes (the same for every feature), with
+    empty rows or an empty ghost batch in `empty_rows` and
+    `empty_ghost_batch`; `per_feature`, of the input's shape; `keras`,
+    Keras's form, without the last axis."""
     kind = config["mask"]
     if kind == "none":
         return None
     shape = config["shape"]
-    mask_shape = [
-        size for axis, size in enumerate(shape) if axis not in config["axes"]
-    ]
+    if kind == "per_feature":
+        mask_shape = shape
+    elif kind == "keras":
+        mask_shape = shape[:-1]
+    else:
+        mask_shape = [
+            1 if axis in config["axes"] else size
+            for axis, size in enumerate(shape)
+        ]
     mask = rng.random(mask_shape) > rng.uniform(0.1, 0.7)
     if kind == "empty_rows":
         mask[rng.random(shape[0]) < 0.3] = False
@@ -521,7 +533,8 @@ def test_analytic_gradients_match_finite_differences():
     corrections."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 2, 3)) * 2.0 + 1.0
-    mask = rng.random((7, 2)) > 0.3
+    # Each feature has a count of its own.
+    mask = rng.random((7, 2, 3)) > 0.3
     mask[3:6] = False
     upstream = rng.normal(size=x.shape)
     gamma = rng.normal(size=3)
