@@ -1,11 +1,22 @@
 """A layer test harness, modelled on Keras's `run_layer_test`."""
 
 import copy
+import pathlib
 
 import keras
 import numpy as np
 
 from tests.backend import to_numpy
+
+# Keras's own test module for its layer, in the installed package (Keras
+# 3.15.1 ships it; see tests/test_keras_suite.py).
+KERAS_SUITE = (
+    pathlib.Path(keras.__file__).parent
+    / "src"
+    / "layers"
+    / "normalization"
+    / "batch_normalization_test.py"
+)
 
 
 def run_layer_test(

@@ -1332,7 +1332,8 @@ def test_fine_tuning_recipe_finds_it():
     hidden = keras.layers.Dense(3)(inputs)
     outputs = keras_bn.BatchNormalization(virtual_batch_size=2)(hidden)
     model = keras.Model(inputs, outputs)
-    model.trainable = False
+    for layer in model.layers:
+        layer.trainable = False
     for layer in model.layers:
         if not isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = True
