@@ -14,7 +14,6 @@ import weakref
 import keras
 from keras import ops
 
-
 # What each layer's last call read, for its recomputations.
 _reads = weakref.WeakKeyDictionary()
 
@@ -51,4 +50,3 @@ def _eager_torch():
     import torch
 
     return not torch.compiler.is_compiling()
-

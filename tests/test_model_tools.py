@@ -180,39 +180,35 @@ def test_recalibrate_masked_sequence_weights_by_elements():
     )
 
 
-def _data_sources(x, batch_size):
+def _data_source(source, x, batch_size):
+    """`x` in batches, as the kind of data `source` names. A source from a
+    library that is not installed (the oldest-Keras environment has only
+    JAX) skips."""
     y = np.zeros(len(x), "float32")
-    sources = {
-        "list_of_x": [
-            x[i : i + batch_size] for i in range(0, len(x), batch_size)
-        ],
-        "generator_of_pairs": (
-            (x[i : i + batch_size], y[i : i + batch_size])
-            for i in range(0, len(x), batch_size)
-        ),
-        "triples": [
+    starts = range(0, len(x), batch_size)
+    if source == "list_of_x":
+        return [x[i : i + batch_size] for i in starts]
+    if source == "generator_of_pairs":
+        return ((x[i : i + batch_size], y[i : i + batch_size]) for i in starts)
+    if source == "triples":
+        return [
             (
                 x[i : i + batch_size],
                 y[i : i + batch_size],
                 y[i : i + batch_size],
             )
-            for i in range(0, len(x), batch_size)
-        ],
-    }
-    import tensorflow as tf
-
-    sources["tf_data"] = tf.data.Dataset.from_tensor_slices((x, y)).batch(
-        batch_size
-    )
-    import torch.utils.data
-
-    sources["torch_data_loader"] = torch.utils.data.DataLoader(
+            for i in starts
+        ]
+    if source == "tf_data":
+        tf = pytest.importorskip("tensorflow")
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    torch = pytest.importorskip("torch")
+    return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(
             torch.from_numpy(x), torch.from_numpy(y)
         ),
         batch_size=batch_size,
     )
-    return sources
 
 
 @pytest.mark.parametrize(
@@ -229,7 +225,7 @@ def test_recalibrate_data_sources(source):
     x = _normal((22, 4), loc=1.0, scale=2.0)
     layer = keras_bn.BatchNormalization(virtual_batch_size=4)
     model = keras.Sequential([keras.Input((4,)), layer])
-    keras_bn.recalibrate(model, _data_sources(x, 6)[source])
+    keras_bn.recalibrate(model, _data_source(source, x, 6))
     mean, variance = _reference_statistics(x, 6, virtual_batch_size=4)
     np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=1e-5)
     np.testing.assert_allclose(

@@ -1,0 +1,63 @@
+"""Runs the unit tests on JAX against the oldest Keras the package declares.
+
+`pyproject.toml` names the oldest Keras keras-bn supports (`keras>=X`);
+this builds a virtual environment of its own with exactly that release,
+JAX and what the tests need, and runs the JAX unit tests in it. CI runs it
+after the main suite.
+
+    python tests/oldest_keras.py              # into .venv-oldest
+    python tests/oldest_keras.py -- -k ghost  # extra arguments for pytest
+"""
+
+import argparse
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import venv
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def oldest_keras():
+    """The release in the package's `keras>=` requirement."""
+    text = (ROOT / "pyproject.toml").read_text()
+    match = re.search(r'^dependencies = \[.*"keras>=([0-9.]+)"', text, re.M)
+    if match is None:
+        raise ValueError(
+            "pyproject.toml declares no `keras>=` dependency. Received: "
+            f"{re.findall(r'^dependencies = .*', text, re.M)}"
+        )
+    return match.group(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", default=str(ROOT / ".venv-oldest"))
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest")
+    args = parser.parse_args()
+    version = oldest_keras()
+    print(f"=== oldest keras: {version}, in {args.venv}", flush=True)
+    venv.create(args.venv, with_pip=True, clear=True)
+    python = str(pathlib.Path(args.venv) / "bin" / "python")
+    pip = [python, "-m", "pip", "install", "--quiet"]
+    subprocess.check_call(
+        pip
+        + [
+            f"keras=={version}",
+            "jax",
+            "numpy",
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "h5py",
+        ]
+    )
+    subprocess.check_call(pip + ["--no-deps", "-e", str(ROOT)])
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    command = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
+    return subprocess.call(command + args.pytest_args, cwd=ROOT, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
