@@ -93,10 +93,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             per-device batch size. Ghost batches never cross a device
             boundary, whatever this is. In every case the moving statistics
             are the average over all devices, kept identical on each. On
-            PyTorch, which has no Keras data-parallel path, it has no effect
-            in a single process and raises a `ValueError` in a
-            `torch.distributed` job of several processes. Defaults to
-            `False`.
+            PyTorch the devices are the processes of a `torch.distributed`
+            job (`DistributedDataParallel`); in a single process it has no
+            effect. Defaults to `False`.
         renorm: If `True`, use Batch Renormalization (Ioffe, 2017): during
             training the normalized values are corrected by `r` and `d` (per
             ghost batch) towards the renorm moving statistics. Adds the
@@ -355,7 +354,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return self._normalize_with(inputs - mean, variance)
 
     def _train(self, inputs, mask):
-        _distribute.check_synchronized(self.synchronized)
         stats = _moments.moments(
             inputs,
             self._reduction_axes,

@@ -10,10 +10,14 @@ and each backend exposes them differently:
   itself. Elsewhere the layer sees one device's batch: 1.
 - **How to add a statistic up over replicas** (`replica_sum_fn`). Inside a
   `tf.distribute` replica context on TensorFlow, each replica runs the step
-  on its own slice of the batch; an all-reduce adds the sums up. Elsewhere
-  there is nothing to add: JAX already sees the global batch, and PyTorch
-  has no Keras data-parallel path (a single process sees the whole batch).
+  on its own slice of the batch; an all-reduce adds the sums up. In a
+  `torch.distributed` job on PyTorch (`DistributedDataParallel`, a process
+  per device), each process sees its own batch likewise, and a
+  differentiable all-reduce over the default process group adds them up.
+  Elsewhere there is nothing to add: JAX already sees the global batch.
 """
+
+import functools
 
 import keras
 
@@ -33,9 +37,12 @@ def batch_shards():
 
 def replica_sum_fn():
     """Returns the function that sums a tensor over the replicas of the
-    current `tf.distribute` replica context, or `None` when there is one
-    replica or none to sum over."""
-    if keras.backend.backend() != "tensorflow":
+    current `tf.distribute` replica context or `torch.distributed` job, or
+    `None` when there is one replica or none to sum over."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return _torch_replica_sum()
+    if backend != "tensorflow":
         return None
     import tensorflow as tf
 
@@ -49,23 +56,35 @@ def replica_sum_fn():
     return replica_sum
 
 
-def check_synchronized(synchronized):
-    """Refuses `synchronized=True` where it would silently mean less than
-    documented: a `torch.distributed` job with several processes, where each
-    process would normalize with its own statistics."""
-    if not synchronized or keras.backend.backend() != "torch":
-        return
+def _torch_replica_sum():
     import torch.distributed
 
-    if (
+    if not (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     ):
-        raise ValueError(
-            "`synchronized=True` is not supported in a torch.distributed job "
-            "with several processes on the PyTorch backend: each process "
-            "would normalize with its own statistics. Received: "
-            f"synchronized=True, world_size="
-            f"{torch.distributed.get_world_size()}"
-        )
+        return None
+    return _torch_all_reduce().apply
+
+
+@functools.cache
+def _torch_all_reduce():
+    """An all-reduce sum over the default process group that gradients go
+    through: the gradient of each process's input is the sum of every
+    process's gradient of the total, an all-reduce too."""
+    import torch
+    import torch.distributed
+
+    class AllReduceSum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value):
+            value = value.clone(memory_format=torch.contiguous_format)
+            torch.distributed.all_reduce(value)
+            return value
+
+        @staticmethod
+        def backward(ctx, gradient):
+            return AllReduceSum.apply(gradient)
+
+    return AllReduceSum

@@ -1,16 +1,24 @@
-"""Synchronized statistics across replicas (TensorFlow's tf.distribute).
+"""Statistics across replicas: TensorFlow's tf.distribute, and processes of
+a torch.distributed job.
 
 TensorFlow fixes its devices when it starts, so the two-replica run happens in
-a fresh process.
+a fresh process; the torch.distributed processes are spawned by one.
 """
 
 import pathlib
+import socket
 import subprocess
 import sys
 import textwrap
 
 import keras
+import numpy as np
 import pytest
+
+from tests import reference
+from tests import torch_processes
+
+TORCH_PROCESSES = pathlib.Path(torch_processes.__file__)
 
 TWO_REPLICAS = textwrap.dedent(
     """
@@ -116,3 +124,137 @@ def test_synchronized_under_mirrored_strategy():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "synchronized statistics match" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# torch.distributed: two processes, each with its shard of the global batch.
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torch_ranks(tmp_path_factory):
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch.distributed runs on PyTorch")
+    out = tmp_path_factory.mktemp("torch_ranks")
+    result = subprocess.run(
+        [sys.executable, str(TORCH_PROCESSES), str(out), str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=TORCH_PROCESSES.parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = []
+    for rank in range(2):
+        with np.load(out / f"rank{rank}.npz") as arrays:
+            ranks.append(dict(arrays))
+    return ranks
+
+
+def _segments(kwargs, rows):
+    """The row ranges of the global batch that are normalized together,
+    and the ghost batch size within them."""
+    starts = np.cumsum((0,) + tuple(rows))
+    shards = [
+        slice(start, end)
+        for start, end in zip(starts[:-1], starts[1:], strict=True)
+        if end > start
+    ]
+    virtual = kwargs.get("virtual_batch_size")
+    if kwargs.get("synchronized") and virtual is None:
+        return [slice(0, starts[-1])], None
+    return shards, virtual
+
+
+@pytest.mark.parametrize(
+    "index", range(len(torch_processes.CASES)), ids=torch_processes.case_ids()
+)
+def test_torch_distributed_matches_one_process(torch_ranks, index):
+    """Outputs, input gradients and moving statistics of each process are
+    those of one process normalizing the same groups of the global batch,
+    and the moving statistics are identical on both processes."""
+    name, kwargs, rows = torch_processes.CASES[index]
+    gamma, beta = torch_processes.parameters(index)
+    segments, virtual = _segments(kwargs, rows)
+    starts = np.cumsum((0,) + tuple(rows))
+    moving = {"moving_mean": 0.0, "moving_variance": 1.0}
+    for step in range(torch_processes.STEPS):
+        x, upstream = torch_processes.global_batch(index, step, rows)
+        outputs = np.empty(x.shape)
+        gradient = np.empty(x.shape)
+        counts, means, variances = [], [], []
+        for rows_of in segments:
+            expected = reference.batch_norm(
+                x[rows_of], virtual_batch_size=virtual, gamma=gamma, beta=beta
+            )
+            outputs[rows_of] = expected["outputs"]
+            gradient[rows_of] = reference.batch_norm_gradients(
+                x[rows_of],
+                upstream[rows_of],
+                virtual_batch_size=virtual,
+                gamma=gamma,
+            )["x"]
+            counts.append(expected["count"])
+            means.append(expected["mean"])
+            variances.append(expected["variance"])
+        total = np.sum(counts, axis=0)
+        for key, values in (
+            ("moving_mean", means),
+            ("moving_variance", variances),
+        ):
+            batch = np.sum(np.multiply(counts, values), axis=0) / total
+            moving[key] = reference.moving_average(moving[key], batch, 0.5)
+        for rank, saved in enumerate(torch_ranks):
+            mine = slice(starts[rank], starts[rank + 1])
+            prefix = f"{name}/{step}"
+            np.testing.assert_allclose(
+                saved[f"{prefix}/outputs"], outputs[mine], rtol=1e-5, atol=1e-5
+            )
+            np.testing.assert_allclose(
+                saved[f"{prefix}/gradient"],
+                gradient[mine],
+                rtol=1e-5,
+                atol=1e-5,
+            )
+            for key, value in moving.items():
+                np.testing.assert_allclose(
+                    saved[f"{prefix}/{key}"], value, rtol=1e-5, atol=1e-6
+                )
+                np.testing.assert_array_equal(
+                    saved[f"{prefix}/{key}"], torch_ranks[0][f"{prefix}/{key}"]
+                )
+
+
+@pytest.mark.parametrize("name", list(torch_processes.DDP_RUNS))
+def test_torch_ddp_trains_as_one_process(torch_ranks, name):
+    """`DistributedDataParallel` averages the processes' gradients: with
+    synchronized statistics that is the gradient of the mean loss over
+    the global batch, and with per-process statistics that of one process
+    with ghost batches of the per-process batch. Every weight, moving
+    statistics included, is that of one process, on both processes."""
+    kwargs = dict(torch_processes.DDP_RUNS[name])
+    if not kwargs.pop("synchronized"):
+        kwargs["virtual_batch_size"] = torch_processes.DDP_BATCH // 2
+    expected = torch_processes.train(lambda model: model, kwargs)
+    for saved in torch_ranks:
+        for i, weight in enumerate(expected):
+            np.testing.assert_allclose(
+                saved[f"ddp_{name}/{i}"], weight, rtol=1e-5, atol=1e-6
+            )
+
+
+def test_keras_layer_keeps_each_process_its_own_statistics(torch_ranks):
+    """What the README says of Keras's own layer under torch.distributed;
+    if this fails, a Keras release has changed it."""
+    x, _ = torch_processes.global_batch(0, 0, (4, 4))
+    for rank, saved in enumerate(torch_ranks):
+        np.testing.assert_allclose(
+            saved["keras/moving_mean"],
+            x[4 * rank : 4 * rank + 4].mean(axis=(0, 1)),
+            rtol=1e-5,
+        )

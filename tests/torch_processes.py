@@ -1,0 +1,153 @@
+"""Two `torch.distributed` processes (gloo, 127.0.0.1) train keras_bn layers
+on their shards of one global batch; each saves what it computed.
+
+    python tests/torch_processes.py OUT_DIR PORT
+
+Every case (`CASES`) runs two training steps on a fresh layer with
+`momentum=0.5` and random `gamma` and `beta`; each process saves, per case
+and step, its outputs, its input gradient of `sum(outputs * upstream)`, and
+the layer's weights after the step, as `OUT_DIR/rank{R}.npz`; and the
+weights of a model trained with `DistributedDataParallel` (`DDP_RUNS`).
+"""
+
+import datetime
+import os
+import sys
+
+import numpy as np
+
+FEATURES = 3
+# (name, layer arguments, rows of the global batch per process).
+CASES = [
+    ("synchronized", {"synchronized": True}, (4, 4)),
+    ("local", {"synchronized": False}, (4, 4)),
+    ("ghost", {"synchronized": True, "virtual_batch_size": 2}, (4, 4)),
+    ("synchronized_uneven", {"synchronized": True}, (5, 3)),
+    ("local_uneven", {"synchronized": False}, (5, 3)),
+    ("synchronized_empty", {"synchronized": True}, (6, 0)),
+    ("local_empty", {"synchronized": False}, (6, 0)),
+    ("ghost_uneven", {"virtual_batch_size": 2}, (5, 3)),
+]
+STEPS = 2
+
+
+def case_ids():
+    return [name for name, _, _ in CASES]
+
+
+def global_batch(case_index, step, rows):
+    """The global batch of a case's step, and the upstream gradient; the
+    second process's rows have another scale and mean."""
+    rng = np.random.default_rng(100 * case_index + step)
+    total = sum(rows)
+    x = rng.normal(size=(total, 2, FEATURES))
+    x[rows[0] :] = 3.0 * x[rows[0] :] + 5.0
+    upstream = rng.normal(size=x.shape)
+    return x.astype("float32"), upstream.astype("float32")
+
+
+def parameters(case_index):
+    rng = np.random.default_rng(case_index)
+    return rng.normal(1.0, 0.2, FEATURES), rng.normal(0.0, 0.2, FEATURES)
+
+
+# DistributedDataParallel runs: the layer arguments; each process trains on
+# half of every global batch of DDP_BATCH.
+DDP_RUNS = {
+    "synchronized": {"synchronized": True},
+    "local": {"synchronized": False},
+}
+DDP_BATCH = 8
+DDP_STEPS = 3
+
+
+def train(wrap, kwargs, rank=None):
+    """Trains a Dense, batch norm, Dense model as Keras's guide to PyTorch
+    distributed training does (a torch optimizer over the parameters, the
+    model called on each batch), on the global batches, or on the half of
+    them of process `rank`; returns the weights at the end."""
+    import keras
+    import torch
+
+    import keras_bn
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras_bn.BatchNormalization(momentum=0.5, **kwargs),
+            keras.layers.Dense(1),
+        ]
+    )
+    wrapped = wrap(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    rng = np.random.default_rng(11)
+    for _ in range(DDP_STEPS):
+        x = rng.normal(2.0, 1.5, (DDP_BATCH, 4)).astype("float32")
+        y = rng.normal(size=(DDP_BATCH, 1)).astype("float32")
+        if rank is not None:
+            half = slice(rank * DDP_BATCH // 2, (rank + 1) * DDP_BATCH // 2)
+            x, y = x[half], y[half]
+        optimizer.zero_grad()
+        outputs = wrapped(torch.tensor(x), training=True)
+        loss = torch.nn.functional.mse_loss(outputs, torch.tensor(y))
+        loss.backward()
+        optimizer.step()
+    return [weight.numpy() for weight in model.weights]
+
+
+def main(rank, out, port):
+    import torch
+    import torch.distributed
+
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    import keras_bn
+
+    saved = {}
+    for index, (name, kwargs, rows) in enumerate(CASES):
+        layer = keras_bn.BatchNormalization(momentum=0.5, **kwargs)
+        layer.build((None, 2, FEATURES))
+        gamma, beta = parameters(index)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+        start = sum(rows[:rank])
+        mine = slice(start, start + rows[rank])
+        for step in range(STEPS):
+            x, upstream = global_batch(index, step, rows)
+            inputs = torch.tensor(x[mine], requires_grad=True)
+            outputs = layer(inputs, training=True)
+            (outputs * torch.tensor(upstream[mine])).sum().backward()
+            key = f"{name}/{step}"
+            saved[f"{key}/outputs"] = outputs.detach().numpy()
+            saved[f"{key}/gradient"] = inputs.grad.numpy()
+            for weight in layer.weights:
+                saved[f"{key}/{weight.name}"] = weight.numpy()
+    # Keras's own layer, as a control: its moving statistics are its
+    # process's own.
+    import keras
+
+    control = keras.layers.BatchNormalization(momentum=0.0)
+    x, _ = global_batch(0, 0, (4, 4))
+    control(torch.tensor(x[4 * rank : 4 * rank + 4]), training=True)
+    saved["keras/moving_mean"] = control.moving_mean.numpy()
+    for name, kwargs in DDP_RUNS.items():
+        trained = train(torch.nn.parallel.DistributedDataParallel, kwargs, rank)
+        for i, weight in enumerate(trained):
+            saved[f"ddp_{name}/{i}"] = weight
+    np.savez(os.path.join(out, f"rank{rank}.npz"), **saved)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ["KERAS_BACKEND"] = "torch"
+    import torch.multiprocessing
+
+    out, port = sys.argv[1], int(sys.argv[2])
+    torch.multiprocessing.spawn(main, args=(out, port), nprocs=2)
