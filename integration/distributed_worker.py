@@ -1,11 +1,16 @@
 """Trains a small model with keras_bn layers with `fit` on several devices
 of this CPU, and the same model on one device, and saves the results.
 
-    python integration/distributed_worker.py tensorflow OUT.npz
+    python integration/distributed_worker.py tensorflow OUT.npz [DEVICES]
     python integration/distributed_worker.py jax OUT.npz
 
-TensorFlow runs `tf.distribute.MirroredStrategy` over 2 logical CPU devices;
-JAX runs `keras.distribution.DataParallel` over 4 (and 2) forced host
+With DEVICES, only the runs on that many devices (and the references):
+TensorFlow's collectives of strategies over different numbers of devices
+collide in one process (the group of one strategy's collectives takes the
+key of another's), so its 4-device runs take a process of their own.
+
+TensorFlow runs `tf.distribute.MirroredStrategy` over 2 (and 4) logical CPU
+devices; JAX runs `keras.distribution.DataParallel` over 4 (and 2) forced host
 devices. Every run starts from the same weights and sees the same batches,
 in order, so runs that mean the same must end with the same weights. The
 saved arrays are named `RUN/weights/I` (the model's weights after training,
@@ -30,7 +35,7 @@ if BACKEND == "tensorflow":
 
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * 2,
+        [tf.config.LogicalDeviceConfiguration()] * 4,
     )
 
 import keras  # noqa: E402
@@ -50,6 +55,7 @@ DISTRIBUTED = {
         ("ghost4_synchronized_2", {"synchronized": True, "ghost": 4}, 2),
         ("ghost4_local_2", {"synchronized": False, "ghost": 4}, 2),
         ("ghost3_local_2", {"synchronized": False, "ghost": 3}, 2),
+        ("group2_4", {"synchronized": 2}, 4),
     ],
     "jax": [
         ("synchronized_4", {"synchronized": True}, 4),
@@ -61,6 +67,7 @@ DISTRIBUTED = {
         ("ghost4_synchronized_2", {"synchronized": True, "ghost": 4}, 2),
         ("ghost4_local_2", {"synchronized": False, "ghost": 4}, 2),
         ("ghost3_local_2", {"synchronized": False, "ghost": 3}, 2),
+        ("group2_4", {"synchronized": 2}, 4),
     ],
 }
 REFERENCES = [
@@ -124,8 +131,8 @@ def device_scope(devices):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        # One strategy per device count: collectives of several strategies
-        # in one process can collide in TensorFlow's collective executor.
+        # One strategy per device count, and one device count per process
+        # (see the module docstring).
         names = [f"CPU:{index}" for index in range(devices)]
         return tf.distribute.MirroredStrategy(names).scope
     import jax
@@ -144,8 +151,11 @@ def no_scope():
 
 def main():
     out = sys.argv[2]
+    only = int(sys.argv[3]) if len(sys.argv) > 3 else None
     results = {}
     for name, arguments, devices in DISTRIBUTED[BACKEND]:
+        if only not in (None, devices):
+            continue
         for key, value in train(device_scope(devices), **arguments).items():
             results[f"{name}/{key}"] = value
     for name, arguments in REFERENCES:

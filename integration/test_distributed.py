@@ -8,7 +8,8 @@ predictions must agree:
 
 - `synchronized=True`: the single-device run of the plain layer.
 - `synchronized=False`: the single-device run with `virtual_batch_size` =
-  the per-device batch.
+  the per-device batch; `synchronized=2`, groups of 2 devices, with twice
+  that.
 - Ghost batches: the single-device run with the same `virtual_batch_size`
   when it divides the per-device batch; TensorFlow and JAX agree when it
   does not.
@@ -30,10 +31,15 @@ ROOT = WORKER.parents[1]
 def runs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("distributed")
     results = {}
-    for backend in ("tensorflow", "jax"):
-        out = directory / f"{backend}.npz"
+    # TensorFlow's 4-device runs in a process of their own (see the worker).
+    for backend, only in (
+        ("tensorflow", ["2"]),
+        ("tensorflow", ["4"]),
+        ("jax", []),
+    ):
+        out = directory / f"{backend}{''.join(only)}.npz"
         result = subprocess.run(
-            [sys.executable, str(WORKER), backend, str(out)],
+            [sys.executable, str(WORKER), backend, str(out), *only],
             env=os.environ,
             capture_output=True,
             text=True,
@@ -42,7 +48,7 @@ def runs(tmp_path_factory):
         )
         assert result.returncode == 0, result.stderr[-4000:]
         with np.load(out) as arrays:
-            results[backend] = dict(arrays)
+            results.setdefault(backend, {}).update(arrays)
     return results
 
 
@@ -79,6 +85,9 @@ def _assert_same(actual, expected, tolerance=1e-5):
         ("tensorflow", "local_2", "ghost8"),
         ("tensorflow", "ghost4_synchronized_2", "ghost4"),
         ("tensorflow", "ghost4_local_2", "ghost4"),
+        # Groups of 2 of the 4 devices: 8 samples each.
+        ("jax", "group2_4", "ghost8"),
+        ("tensorflow", "group2_4", "ghost8"),
     ],
     ids=lambda value: value,
 )
@@ -96,6 +105,7 @@ def test_several_devices_equal_one(runs, backend, run, reference):
         "ghost4_synchronized_2",
         "ghost4_local_2",
         "ghost3_local_2",
+        "group2_4",
     ],
 )
 def test_tensorflow_equals_jax(runs, run):

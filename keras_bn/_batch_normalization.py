@@ -90,7 +90,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
             every device, as on a single device. `False`: each device
             normalizes with the statistics of its own part of the batch,
             as a single device would with `virtual_batch_size` set to the
-            per-device batch size. Ghost batches never cross a device
+            per-device batch size. An integer `k` of at least 2: over
+            groups of `k` consecutive devices (within a machine, say,
+            rather than across all of them, as PyTorch's
+            `SyncBatchNorm(process_group=...)`); `k` must divide the number
+            of devices. Ghost batches never cross a device
             boundary, whatever this is. In every case the moving statistics
             are the average over all devices, kept identical on each. On
             PyTorch the devices are the processes of a `torch.distributed`
@@ -191,7 +195,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-        self.synchronized = bool(synchronized)
+        self.synchronized = _standardize_synchronized(synchronized)
         self.renorm = bool(renorm)
         self.renorm_clipping = _standardize_renorm_clipping(renorm_clipping)
         self.renorm_momentum = _unit_interval(
@@ -359,9 +363,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._reduction_axes,
             mask,
             virtual_batch_size=self.virtual_batch_size,
-            synchronized=self.synchronized,
-            num_shards=_distribute.batch_shards(),
-            replica_sum=_distribute.replica_sum_fn(),
+            **_distribute.moments_arguments(
+                self.synchronized, self.virtual_batch_size
+            ),
         )
         # A recomputation of this call for the backward pass (remat)
         # normalizes as the call did, and updates nothing again. The
@@ -647,6 +651,18 @@ def _unit_interval(name, value):
             f"`{name}` must be in [0, 1]. Received: {name}={value}"
         )
     return float(value)
+
+
+def _standardize_synchronized(value):
+    if isinstance(value, bool):
+        return value
+    if not _is_int(value) or value < 2:
+        raise ValueError(
+            "`synchronized` must be True, False, or an integer of at least "
+            "2, the number of consecutive devices that share statistics "
+            f"(1 is False). Received: synchronized={value!r}"
+        )
+    return int(value)
 
 
 def _standardize_virtual_batch_size(value):

@@ -173,8 +173,9 @@ def revert(model):
     `keras.layers.BatchNormalization` with the same weights, so that a model
     trained with keras-bn can be shipped without it; inference predictions
     are unchanged. Ghost batches only act in training and are dropped, as is
-    `synchronized` on backends where Keras's layer refuses it. The given
-    model is not modified.
+    `synchronized` on backends where Keras's layer refuses it (on
+    TensorFlow, a group of devices becomes all of them). The given model
+    is not modified.
 
     Args:
         model: A Sequential or functional `keras.Model`; nested models are
@@ -207,8 +208,12 @@ def revert(model):
         for key in _KERAS_BN_ONLY_KEYS:
             config.pop(key)
         config["axis"] = axis
-        if keras.backend.backend() != "tensorflow":
-            config["synchronized"] = False
+        # Keras's layer has no groups of devices: a group becomes all of
+        # them, where its `synchronized=True` exists at all.
+        config["synchronized"] = (
+            keras.backend.backend() == "tensorflow"
+            and config["synchronized"] is not False
+        )
         return keras.layers.BatchNormalization.from_config(config)
 
     return _rebuild(model, replace, "revert")

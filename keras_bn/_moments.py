@@ -132,9 +132,9 @@ def moments(
     axes,
     mask=None,
     virtual_batch_size=None,
-    synchronized=False,
     num_shards=1,
-    replica_sum=None,
+    group_sum=None,
+    total_sum=None,
 ):
     """Mean and variance of `x` over `axes`, per group of samples.
 
@@ -146,44 +146,37 @@ def moments(
             along the kept axes gives each feature a count of its own.
         virtual_batch_size: Optional Python int. When set, every ghost batch
             of that many consecutive samples of a shard is a group.
-        synchronized: Python bool. Without `virtual_batch_size`, `True`
-            makes the global batch (every shard of every replica) one group;
-            `False` makes each shard of each replica a group.
-        num_shards: Python int, the number of devices axis 0 is split over
-            (equal consecutive shards); the static batch size must be a
-            multiple of it.
-        replica_sum: Optional function that sums a tensor over replicas
-            which each see their own batch (an all-reduce). The sums of a
-            synchronized group go through it, and so do the totals behind
-            `batch_mean`, `batch_variance` and `count`.
+        num_shards: Python int, the number of equal consecutive shards axis
+            0 is split into (devices, or groups of them); the static batch
+            size must be a multiple of it. Without `virtual_batch_size`,
+            each shard is a group.
+        group_sum: Optional function that sums a tensor over the replicas
+            that share a group, which each see their own batch (an
+            all-reduce): the sums, counts and squares of the groups go
+            through it.
+        total_sum: Optional function that turns the totals behind
+            `batch_mean`, `batch_variance` and `count` into those of every
+            replica.
 
     Returns:
         A `Moments` tuple. An empty (fully masked) group has mean and
         variance 0 and a count of 0.
     """
-    synchronized = synchronized and virtual_batch_size is None
-    layout = _layout(x, axes, virtual_batch_size, synchronized, num_shards)
+    layout = _layout(x, axes, virtual_batch_size, num_shards)
     masks = [None] * len(layout.views)
     if mask is not None:
         masks = layout.split(_broadcast_mask(mask, x, axes))
     parts, totals = [], []
     for view, view_mask in zip(layout.views, masks, strict=True):
         part, *sums = _group_moments(
-            view,
-            layout.axes,
-            view_mask,
-            layout.grouped,
-            replica_sum if synchronized else None,
+            view, layout.axes, view_mask, layout.grouped, group_sum
         )
         parts.append(part)
         totals.append([layout.total(value) for value in sums])
     sums, squares, counts = (
         sum(values[1:], values[0]) for values in zip(*totals, strict=True)
     )
-    if not synchronized:
-        sums, squares, counts = _replica_sum(
-            replica_sum, (sums, squares, counts)
-        )
+    sums, squares, counts = _replica_sum(total_sum, (sums, squares, counts))
     safe_counts = _at_least_one(counts)
     return Moments(
         layout.parts(parts),
@@ -212,7 +205,7 @@ def _broadcast_mask(mask, x, axes):
     return ops.broadcast_to(mask, target(ops.shape(x)))
 
 
-def _layout(x, axes, virtual_batch_size, synchronized, num_shards):
+def _layout(x, axes, virtual_batch_size, num_shards):
     """The layout `moments` reduces `x` in: the groups it asks for, and
     the fastest view of them."""
     batch = x.shape[0]
@@ -225,12 +218,10 @@ def _layout(x, axes, virtual_batch_size, synchronized, num_shards):
     if 0 not in axes:
         # Every sample has statistics of its own already.
         return InputLayout(x, axes)
-    group_size = None
-    if not synchronized:
-        shard = None if batch is None else batch // num_shards
-        group_size = virtual_batch_size or shard
-        if group_size is not None and shard is not None:
-            group_size = min(group_size, shard)
+    shard = None if batch is None else batch // num_shards
+    group_size = virtual_batch_size or shard
+    if group_size is not None and shard is not None:
+        group_size = min(group_size, shard)
     if group_size is None or (num_shards == 1 and group_size == batch):
         # See `WholeBatch` for why TensorFlow reduces a view of its own.
         if keras.backend.backend() == "tensorflow":
@@ -366,10 +357,10 @@ class SpreadGroups(RaggedGroups):
         return _only(outputs)
 
 
-def _group_moments(x, axes, mask, grouped, replica_sum):
+def _group_moments(x, axes, mask, grouped, group_sum):
     """The `Part` of `x`, a group per index of axis 0 if `grouped` (axis 0
     is not in `axes` then), else one group, with the sums, squares and
-    counts behind it; `replica_sum` sums those over replicas. The sums,
+    counts behind it; `group_sum` sums those over replicas. The sums,
     squares and counts are in the part's layout."""
     # The grouped layouts get merged axes (see `Part`); `InputLayout` keeps
     # the input's.
@@ -410,12 +401,12 @@ def _group_moments(x, axes, mask, grouped, replica_sum):
     else:
         counts = ops.sum(ops.cast(mask, x.dtype), axes, keepdims=True)
         counts = ops.broadcast_to(counts, ops.shape(sums))
-    sums, counts = _replica_sum(replica_sum, (sums, counts))
+    sums, counts = _replica_sum(group_sum, (sums, counts))
     safe_counts = _at_least_one(counts)
     mean = sums / safe_counts
     centered = center(x, mean)
     squares = masked_sum(centered * centered)
-    (squares,) = _replica_sum(replica_sum, (squares,))
+    (squares,) = _replica_sum(group_sum, (squares,))
     part = Part(mean, squares / safe_counts, centered, feature_shape)
     return part, sums, squares, counts
 
@@ -486,8 +477,9 @@ def _at_least_one(counts):
 
 
 def _replica_sum(replica_sum, values):
-    """Sums same-shaped tensors over replicas with one all-reduce instead of
-    one per tensor; without `replica_sum`, returns them as they are."""
+    """Sums same-shaped tensors over replicas with `replica_sum`, one
+    all-reduce instead of one per tensor; without it, returns them as they
+    are."""
     if replica_sum is None:
         return values
     return ops.unstack(replica_sum(ops.stack(values)), len(values))

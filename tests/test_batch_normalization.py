@@ -1076,8 +1076,14 @@ def test_non_finite_channel_keeps_its_moving_statistics(bad, renorm):
 
 def test_synchronized_on_one_device_changes_nothing():
     x = _normal((10, 3), loc=1.0, scale=2.0)
-    for kwargs in ({}, {"virtual_batch_size": 4}):
-        synced = keras_bn.BatchNormalization(synchronized=True, **kwargs)
+    for kwargs, synchronized in (
+        ({}, True),
+        ({"virtual_batch_size": 4}, True),
+        ({}, 4),
+    ):
+        synced = keras_bn.BatchNormalization(
+            synchronized=synchronized, **kwargs
+        )
         plain = keras_bn.BatchNormalization(**kwargs)
         np.testing.assert_allclose(
             to_numpy(synced(x, training=True)),
@@ -1089,18 +1095,6 @@ def test_synchronized_on_one_device_changes_nothing():
             to_numpy(plain.moving_variance),
             rtol=1e-6,
         )
-
-
-def test_synchronized_refused_in_a_torch_distributed_job(monkeypatch):
-    if BACKEND != "torch":
-        pytest.skip("torch.distributed only")
-    import torch.distributed
-
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    layer = keras_bn.BatchNormalization(synchronized=True)
-    with pytest.raises(ValueError, match="synchronized=True, world_size=2"):
-        layer(_normal((4, 3)), training=True)
 
 
 # ---------------------------------------------------------------------------
@@ -1127,6 +1121,11 @@ BAD_ARGUMENTS = {
         {"virtual_batch_size": True},
         "virtual_batch_size=True",
     ),
+    "synchronized_one": ({"synchronized": 1}, "synchronized=1"),
+    "synchronized_zero": ({"synchronized": 0}, "synchronized=0"),
+    "synchronized_negative": ({"synchronized": -2}, "synchronized=-2"),
+    "synchronized_float": ({"synchronized": 2.0}, "synchronized=2.0"),
+    "synchronized_string": ({"synchronized": "all"}, "synchronized='all'"),
     "momentum_above_one": ({"momentum": 1.5}, "momentum=1.5"),
     "momentum_negative": ({"momentum": -0.1}, "momentum=-0.1"),
     "renorm_momentum": ({"renorm_momentum": 2.0}, "renorm_momentum=2.0"),
@@ -1407,3 +1406,16 @@ def test_serializes_under_its_own_name():
     restored = keras.saving.deserialize_keras_object(config)
     assert type(restored) is keras_bn.BatchNormalization
     assert restored.virtual_batch_size == 4
+
+
+@pytest.mark.parametrize("synchronized", [True, False, 2, 8], ids=str)
+def test_synchronized_round_trips(synchronized):
+    layer = keras_bn.BatchNormalization(synchronized=synchronized)
+    config = json.loads(json.dumps(layer.get_config()))
+    assert config["synchronized"] is synchronized or (
+        config["synchronized"] == synchronized
+        and type(config["synchronized"]) is type(synchronized)
+    )
+    restored = keras_bn.BatchNormalization.from_config(config)
+    assert restored.synchronized == synchronized
+    assert type(restored.synchronized) is type(synchronized)

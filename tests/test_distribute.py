@@ -150,25 +150,28 @@ def torch_ranks(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = []
-    for rank in range(2):
+    for rank in range(torch_processes.WORLD):
         with np.load(out / f"rank{rank}.npz") as arrays:
             ranks.append(dict(arrays))
     return ranks
 
 
 def _segments(kwargs, rows):
-    """The row ranges of the global batch that are normalized together,
-    and the ghost batch size within them."""
-    starts = np.cumsum((0,) + tuple(rows))
-    shards = [
+    """The row ranges of the global batch that are normalized together
+    (the processes of a group, or each process), and the ghost batch size
+    within them."""
+    virtual = kwargs.get("virtual_batch_size")
+    synchronized = kwargs.get("synchronized", False)
+    group = 1
+    if virtual is None and synchronized is not False:
+        group = len(rows) if synchronized is True else synchronized
+    starts = np.cumsum((0,) + tuple(rows))[::group]
+    segments = [
         slice(start, end)
         for start, end in zip(starts[:-1], starts[1:], strict=True)
         if end > start
     ]
-    virtual = kwargs.get("virtual_batch_size")
-    if kwargs.get("synchronized") and virtual is None:
-        return [slice(0, starts[-1])], None
-    return shards, virtual
+    return segments, virtual
 
 
 @pytest.mark.parametrize(
@@ -234,12 +237,15 @@ def test_torch_distributed_matches_one_process(torch_ranks, index):
 def test_torch_ddp_trains_as_one_process(torch_ranks, name):
     """`DistributedDataParallel` averages the processes' gradients: with
     synchronized statistics that is the gradient of the mean loss over
-    the global batch, and with per-process statistics that of one process
-    with ghost batches of the per-process batch. Every weight, moving
-    statistics included, is that of one process, on both processes."""
+    the global batch, and with statistics per process or group of them
+    that of one process with ghost batches of that many samples. Every
+    weight, moving statistics included, is that of one process, on every
+    process."""
     kwargs = dict(torch_processes.DDP_RUNS[name])
-    if not kwargs.pop("synchronized"):
-        kwargs["virtual_batch_size"] = torch_processes.DDP_BATCH // 2
+    synchronized = kwargs.pop("synchronized")
+    if synchronized is not True:
+        share = torch_processes.DDP_BATCH // torch_processes.WORLD
+        kwargs["virtual_batch_size"] = share * max(int(synchronized), 1)
     expected = torch_processes.train(lambda model: model, kwargs)
     for saved in torch_ranks:
         for i, weight in enumerate(expected):
@@ -251,10 +257,16 @@ def test_torch_ddp_trains_as_one_process(torch_ranks, name):
 def test_keras_layer_keeps_each_process_its_own_statistics(torch_ranks):
     """What the README says of Keras's own layer under torch.distributed;
     if this fails, a Keras release has changed it."""
-    x, _ = torch_processes.global_batch(0, 0, (4, 4))
+    x, _ = torch_processes.global_batch(0, 0, torch_processes.CASES[0][2])
     for rank, saved in enumerate(torch_ranks):
         np.testing.assert_allclose(
             saved["keras/moving_mean"],
-            x[4 * rank : 4 * rank + 4].mean(axis=(0, 1)),
+            x[2 * rank : 2 * rank + 2].mean(axis=(0, 1)),
             rtol=1e-5,
         )
+
+
+def test_a_group_that_does_not_divide_the_processes_is_refused(torch_ranks):
+    for saved in torch_ranks:
+        message = str(saved["error"])
+        assert "synchronized=3 on 4 devices" in message, message

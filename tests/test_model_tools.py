@@ -746,3 +746,14 @@ def test_tools_tell_keras_bn_from_keras_layer():
     assert [type(layer) for layer in _batch_norms(reverted)] == [
         keras.layers.BatchNormalization
     ] * 2
+
+
+def test_revert_a_group_of_devices():
+    """Keras's layer has no groups: on TensorFlow a group becomes all the
+    devices, elsewhere Keras's layer refuses `synchronized=True`."""
+    inputs = keras.Input((4,))
+    model = keras.Model(
+        inputs, keras_bn.BatchNormalization(synchronized=2)(inputs)
+    )
+    (layer,) = _batch_norms(keras_bn.revert(model))
+    assert layer.synchronized is (keras.backend.backend() == "tensorflow")

@@ -84,7 +84,8 @@ def _statistic(stats, name):
     return getattr(part, name)
 
 
-def test_synchronized_sums_go_through_replica_sum():
+@pytest.mark.parametrize("sum_name", ["group_sum", "total_sum"])
+def test_sums_over_two_identical_replicas(sum_name):
     """A stand-in for a cross-replica sum over two identical replicas:
     doubling every sum leaves the moments as they are and doubles the
     count."""
@@ -92,29 +93,28 @@ def test_synchronized_sums_go_through_replica_sum():
         np.random.default_rng(1).normal(size=(6, 3)).astype("float32")
     )
     plain = _moments.moments(x, [0])
-    for synchronized in (True, False):
-        doubled = _moments.moments(
-            x, [0], synchronized=synchronized, replica_sum=lambda v: 2 * v
-        )
-        for name in ("mean", "variance", "batch_mean", "batch_variance"):
-            np.testing.assert_allclose(
-                to_numpy(_statistic(doubled, name)),
-                to_numpy(_statistic(plain, name)),
-                rtol=1e-6,
-                atol=1e-7,
-            )
+    doubled = _moments.moments(x, [0], **{sum_name: lambda v: 2 * v})
+    for name in ("mean", "variance", "batch_mean", "batch_variance"):
         np.testing.assert_allclose(
-            to_numpy(doubled.count), 2 * to_numpy(plain.count)
+            to_numpy(_statistic(doubled, name)),
+            to_numpy(_statistic(plain, name)),
+            rtol=1e-6,
+            atol=1e-7,
         )
+    np.testing.assert_allclose(
+        to_numpy(doubled.count), 2 * to_numpy(plain.count)
+    )
 
 
 @pytest.mark.parametrize(
-    "synchronized,virtual", [(True, None), (False, None), (True, 2)], ids=str
+    "sum_name,virtual",
+    [("group_sum", None), ("total_sum", None), ("total_sum", 2)],
+    ids=str,
 )
-def test_replica_sum_reaches_the_statistics_it_should(synchronized, virtual):
+def test_sums_reach_the_statistics_they_should(sum_name, virtual):
     """Adding a constant to every cross-replica sum shows which statistics
-    go through it: the normalizing ones only when synchronized without ghost
-    batches, the moving-statistics totals always."""
+    go through it: the normalizing ones through `group_sum` only, the
+    moving-statistics totals through either."""
     x = ops.convert_to_tensor(
         np.random.default_rng(1).normal(size=(6, 3)).astype("float32")
     )
@@ -123,14 +123,13 @@ def test_replica_sum_reaches_the_statistics_it_should(synchronized, virtual):
         x,
         [0],
         virtual_batch_size=virtual,
-        synchronized=synchronized,
-        replica_sum=lambda value: value + 1.0,
+        **{sum_name: lambda value: value + 1.0},
     )
     normalizing_changed = not np.allclose(
         to_numpy(_statistic(shifted, "mean")),
         to_numpy(_statistic(plain, "mean")),
     )
-    assert normalizing_changed == (synchronized and virtual is None)
+    assert normalizing_changed == (sum_name == "group_sum")
     assert not np.allclose(
         to_numpy(shifted.batch_mean), to_numpy(plain.batch_mean)
     )

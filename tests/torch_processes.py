@@ -1,5 +1,5 @@
-"""Two `torch.distributed` processes (gloo, 127.0.0.1) train keras_bn layers
-on their shards of one global batch; each saves what it computed.
+"""Four `torch.distributed` processes (gloo, 127.0.0.1) train keras_bn
+layers on their shards of one global batch; each saves what it computed.
 
     python tests/torch_processes.py OUT_DIR PORT
 
@@ -7,7 +7,8 @@ Every case (`CASES`) runs two training steps on a fresh layer with
 `momentum=0.5` and random `gamma` and `beta`; each process saves, per case
 and step, its outputs, its input gradient of `sum(outputs * upstream)`, and
 the layer's weights after the step, as `OUT_DIR/rank{R}.npz`; and the
-weights of a model trained with `DistributedDataParallel` (`DDP_RUNS`).
+weights of a model trained with `DistributedDataParallel` (`DDP_RUNS`),
+and the error of a group setting that does not divide the processes.
 """
 
 import datetime
@@ -16,17 +17,20 @@ import sys
 
 import numpy as np
 
+WORLD = 4
 FEATURES = 3
 # (name, layer arguments, rows of the global batch per process).
 CASES = [
-    ("synchronized", {"synchronized": True}, (4, 4)),
-    ("local", {"synchronized": False}, (4, 4)),
-    ("ghost", {"synchronized": True, "virtual_batch_size": 2}, (4, 4)),
-    ("synchronized_uneven", {"synchronized": True}, (5, 3)),
-    ("local_uneven", {"synchronized": False}, (5, 3)),
-    ("synchronized_empty", {"synchronized": True}, (6, 0)),
-    ("local_empty", {"synchronized": False}, (6, 0)),
-    ("ghost_uneven", {"virtual_batch_size": 2}, (5, 3)),
+    ("synchronized", {"synchronized": True}, (2, 2, 2, 2)),
+    ("local", {"synchronized": False}, (2, 2, 2, 2)),
+    ("group", {"synchronized": 2}, (2, 2, 2, 2)),
+    ("ghost", {"synchronized": True, "virtual_batch_size": 2}, (4, 4, 2, 2)),
+    ("synchronized_uneven", {"synchronized": True}, (3, 1, 2, 2)),
+    ("local_uneven", {"synchronized": False}, (3, 1, 2, 2)),
+    ("group_uneven", {"synchronized": 2}, (3, 1, 2, 0)),
+    ("synchronized_empty", {"synchronized": True}, (4, 0, 2, 2)),
+    ("local_empty", {"synchronized": False}, (4, 0, 2, 2)),
+    ("ghost_uneven", {"virtual_batch_size": 2}, (3, 1, 2, 2)),
 ]
 STEPS = 2
 
@@ -36,14 +40,13 @@ def case_ids():
 
 
 def global_batch(case_index, step, rows):
-    """The global batch of a case's step, and the upstream gradient; the
-    second process's rows have another scale and mean."""
+    """The global batch of a case's step, and the upstream gradient; each
+    process's rows have a scale and mean of their own."""
     rng = np.random.default_rng(100 * case_index + step)
-    total = sum(rows)
-    x = rng.normal(size=(total, 2, FEATURES))
-    x[rows[0] :] = 3.0 * x[rows[0] :] + 5.0
+    process = np.repeat(np.arange(len(rows)), rows)[:, None, None]
+    x = rng.normal(size=(sum(rows), 2, FEATURES)) * (1.0 + process)
     upstream = rng.normal(size=x.shape)
-    return x.astype("float32"), upstream.astype("float32")
+    return (x + 2.0 * process).astype("float32"), upstream.astype("float32")
 
 
 def parameters(case_index):
@@ -52,10 +55,11 @@ def parameters(case_index):
 
 
 # DistributedDataParallel runs: the layer arguments; each process trains on
-# half of every global batch of DDP_BATCH.
+# its quarter of every global batch of DDP_BATCH.
 DDP_RUNS = {
     "synchronized": {"synchronized": True},
     "local": {"synchronized": False},
+    "group": {"synchronized": 2},
 }
 DDP_BATCH = 8
 DDP_STEPS = 3
@@ -87,8 +91,9 @@ def train(wrap, kwargs, rank=None):
         x = rng.normal(2.0, 1.5, (DDP_BATCH, 4)).astype("float32")
         y = rng.normal(size=(DDP_BATCH, 1)).astype("float32")
         if rank is not None:
-            half = slice(rank * DDP_BATCH // 2, (rank + 1) * DDP_BATCH // 2)
-            x, y = x[half], y[half]
+            share = DDP_BATCH // WORLD
+            mine = slice(rank * share, (rank + 1) * share)
+            x, y = x[mine], y[mine]
         optimizer.zero_grad()
         outputs = wrapped(torch.tensor(x), training=True)
         loss = torch.nn.functional.mse_loss(outputs, torch.tensor(y))
@@ -105,7 +110,7 @@ def main(rank, out, port):
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
-        world_size=2,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     import keras_bn
@@ -134,9 +139,15 @@ def main(rank, out, port):
     import keras
 
     control = keras.layers.BatchNormalization(momentum=0.0)
-    x, _ = global_batch(0, 0, (4, 4))
-    control(torch.tensor(x[4 * rank : 4 * rank + 4]), training=True)
+    x, _ = global_batch(0, 0, CASES[0][2])
+    control(torch.tensor(x[2 * rank : 2 * rank + 2]), training=True)
     saved["keras/moving_mean"] = control.moving_mean.numpy()
+    try:
+        keras_bn.BatchNormalization(synchronized=3)(
+            torch.tensor(x[2 * rank : 2 * rank + 2]), training=True
+        )
+    except ValueError as error:
+        saved["error"] = np.array(str(error))
     for name, kwargs in DDP_RUNS.items():
         trained = train(torch.nn.parallel.DistributedDataParallel, kwargs, rank)
         for i, weight in enumerate(trained):
@@ -150,4 +161,4 @@ if __name__ == "__main__":
     import torch.multiprocessing
 
     out, port = sys.argv[1], int(sys.argv[2])
-    torch.multiprocessing.spawn(main, args=(out, port), nprocs=2)
+    torch.multiprocessing.spawn(main, args=(out, port), nprocs=WORLD)
