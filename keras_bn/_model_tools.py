@@ -137,9 +137,12 @@ def convert(model, **layer_kwargs):
 
     Every `keras.layers.BatchNormalization` becomes a
     `keras_bn.BatchNormalization` with the same configuration and weights,
-    plus `layer_kwargs` (such as `virtual_batch_size=32`). The new model
-    predicts the same in inference and trains. The given model is not
-    modified.
+    plus `layer_kwargs` (such as `virtual_batch_size=32`), and every
+    `keras_bn.BatchNormalization` takes `layer_kwargs` too:
+    `convert(model, synchronized=True)` synchronizes every batch norm of a
+    model, as `torch.nn.SyncBatchNorm.convert_sync_batchnorm` does in
+    PyTorch. The new model predicts the same in inference and trains. The
+    given model is not modified.
 
     Args:
         model: A Sequential or functional `keras.Model`; nested models are
@@ -157,7 +160,11 @@ def convert(model, **layer_kwargs):
     _check_model(model, "convert")
 
     def replace(layer):
-        if type(layer) is keras.layers.BatchNormalization:
+        # keras_bn's layers are instances of Keras's too: they change only
+        # when there is something to change.
+        if type(layer) is keras.layers.BatchNormalization or (
+            layer_kwargs and isinstance(layer, BatchNormalization)
+        ):
             return BatchNormalization.from_config(
                 {**layer.get_config(), **layer_kwargs}
             )

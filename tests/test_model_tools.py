@@ -727,21 +727,25 @@ def test_recalibrate_named_inputs():
 
 
 def test_tools_tell_keras_bn_from_keras_layer():
-    """keras_bn's layer is an instance of Keras's: `convert` leaves it as
-    it is, `revert` turns only it into Keras's."""
+    """keras_bn's layer is an instance of Keras's: `convert` gives it the
+    new arguments and keeps its others, and without any leaves it as it
+    is; `revert` turns only it into Keras's."""
     inputs = keras.Input((4,))
     hidden = keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs))
     outputs = keras_bn.BatchNormalization(virtual_batch_size=2, epsilon=0.01)(
         keras.layers.Dense(3)(hidden)
     )
     model = keras.Model(inputs, outputs)
-    converted = keras_bn.convert(model, virtual_batch_size=4)
+    converted = keras_bn.convert(model, synchronized=True)
     layers = _batch_norms(converted)
     assert [type(layer) for layer in layers] == [
         keras_bn.BatchNormalization
     ] * 2
-    assert [layer.virtual_batch_size for layer in layers] == [4, 2]
+    assert [layer.synchronized for layer in layers] == [True, True]
+    assert [layer.virtual_batch_size for layer in layers] == [None, 2]
     assert layers[1].epsilon == 0.01
+    _, kept = _batch_norms(keras_bn.convert(model))
+    assert kept.get_config() == model.layers[-1].get_config()
     reverted = keras_bn.revert(model)
     assert [type(layer) for layer in _batch_norms(reverted)] == [
         keras.layers.BatchNormalization
