@@ -1,0 +1,143 @@
+"""Training over several processes on 127.0.0.1, as each backend launches
+it, equals training in one process (`multiprocess_worker.py`).
+
+PyTorch: two processes with `DistributedDataParallel`; TensorFlow: two
+`MultiWorkerMirroredStrategy` workers; JAX: two processes of two devices
+with `jax.distributed` and `keras.distribution.DataParallel`. Every weight,
+moving statistics included, and the predictions after three steps match
+the single-process run that means the same (1e-5), are identical in both
+processes, and the backends agree with one another (1e-4). Keras's own
+layer, launched the same way, is the control.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
+ROOT = WORKER.parents[1]
+BACKENDS = ("torch", "tensorflow", "jax")
+
+
+def _free_ports(count):
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [str(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _launch(backend, out):
+    """Both processes of the job, then the reference; every process is
+    killed after its timeout, so that a hung collective fails the test."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    ports = _free_ports(2)
+    command = [sys.executable, str(WORKER), backend, str(out)]
+    processes = [
+        subprocess.Popen(
+            command + [str(index), *ports],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    try:
+        outputs = [process.communicate(timeout=420)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+    reference = subprocess.run(
+        command + ["reference"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert reference.returncode == 0, reference.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    results = {}
+    for backend in BACKENDS:
+        out = tmp_path_factory.mktemp(backend)
+        _launch(backend, out)
+        results[backend] = {}
+        for process in ("0", "1", "reference"):
+            with np.load(out / f"{process}.npz") as arrays:
+                results[backend][process] = dict(arrays)
+    return results
+
+
+def _run(arrays, name):
+    keys = sorted(key for key in arrays if key.startswith(f"{name}/"))
+    assert keys, f"no run {name}"
+    return {key.split("/", 1)[1]: arrays[key] for key in keys}
+
+
+def _assert_same(actual, expected, tolerance):
+    assert actual.keys() == expected.keys()
+    for key in actual:
+        np.testing.assert_allclose(
+            actual[key],
+            expected[key],
+            rtol=tolerance,
+            atol=tolerance,
+            err_msg=key,
+        )
+
+
+CASES = [
+    (backend, run)
+    for backend in BACKENDS
+    for run in ("synchronized", "local", "ghost2")
+] + [("jax", "group2")]
+
+
+@pytest.mark.parametrize("backend,run", CASES, ids=str)
+def test_processes_equal_one_process(runs, backend, run):
+    reference = _run(runs[backend]["reference"], run)
+    for process in ("0", "1"):
+        _assert_same(_run(runs[backend][process], run), reference, 1e-5)
+
+
+@pytest.mark.parametrize("backend,run", CASES, ids=str)
+def test_the_processes_are_identical(runs, backend, run):
+    first, second = (_run(runs[backend][p], run) for p in ("0", "1"))
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+@pytest.mark.parametrize("run", ["synchronized", "ghost2"])
+@pytest.mark.parametrize("process", ["0", "reference"])
+def test_the_backends_agree(runs, run, process):
+    jax = _run(runs["jax"][process], run)
+    for backend in ("torch", "tensorflow"):
+        _assert_same(_run(runs[backend][process], run), jax, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keras_layer_under_the_same_launch(runs, backend):
+    """The control: Keras's own layer keeps each process's moving
+    statistics on PyTorch and TensorFlow, which then differ; on JAX it
+    normalizes over the global batch, like `synchronized=True`."""
+    first, second = (_run(runs[backend][p], "keras") for p in ("0", "1"))
+    moving = [key for key in first if key.startswith("weights/")]
+    differ = any(not np.allclose(first[k], second[k]) for k in moving)
+    assert differ == (backend != "jax")
+    if backend == "jax":
+        _assert_same(first, _run(runs["jax"]["0"], "synchronized"), 1e-5)
