@@ -22,7 +22,10 @@ Every process feeds its consecutive share of every global batch. Each run
 (`RUNS`) trains the same model from the same weights on the same global
 batches; `OUT/PROCESS.npz` holds its weights (moving statistics included)
 and predictions as `RUN/weights/I` and `RUN/predictions`; the `reference`
-process trains each run's single-process equivalent (`REFERENCES`).
+process trains each run's single-process equivalent (`REFERENCES`). On
+PyTorch and TensorFlow each process also runs one training call of a layer
+on shares of different sizes (`UNEVEN`), and saves its outputs and moving
+statistics as `NAME_SYNCHRONIZED/...`.
 """
 
 import datetime
@@ -180,6 +183,49 @@ def train_jax(arguments):
     return model
 
 
+# Layer-level runs with shares of different sizes, an empty one among
+# them (the last batch of an epoch), on PyTorch and TensorFlow: the rows
+# of process 0 and 1 of a batch of 16.
+UNEVEN = {"uneven": (10, 6), "empty": (16, 0)}
+
+
+def uneven_share(rows):
+    x = data()[0][:BATCH]
+    return x[sum(rows[:INDEX]) : sum(rows[: INDEX + 1])]
+
+
+def uneven_step(arguments, rows, strategy=None):
+    """One training call of a fresh layer on this process's share; returns
+    its outputs and moving statistics."""
+    import keras_bn
+
+    x = uneven_share(rows)
+    if strategy is None:
+        import torch
+
+        layer = keras_bn.BatchNormalization(momentum=0.5, **arguments)
+        layer.build((None, 6))
+        outputs = layer(torch.tensor(x), training=True).detach().numpy()
+    else:
+        import tensorflow as tf
+
+        with strategy.scope():
+            layer = keras_bn.BatchNormalization(momentum=0.5, **arguments)
+            layer.build((None, 6))
+
+        @tf.function
+        def step(x):
+            return strategy.run(lambda x: layer(x, training=True), args=(x,))
+
+        outputs = strategy.experimental_local_results(step(x))[0].numpy()
+    return {
+        "inputs": x,
+        "outputs": outputs,
+        "moving_mean": layer.moving_mean.numpy(),
+        "moving_variance": layer.moving_variance.numpy(),
+    }
+
+
 def start():
     """Joins the job; returns the training function of the backend."""
     if BACKEND == "torch":
@@ -201,7 +247,12 @@ def start():
             strategy = tf.distribute.get_strategy()
         else:
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        return lambda arguments: train_tensorflow(arguments, strategy)
+
+        def train(arguments):
+            return train_tensorflow(arguments, strategy)
+
+        train.strategy = strategy
+        return train
     import jax
 
     if not REFERENCE:
@@ -219,10 +270,20 @@ def main():
     train = start()
     import keras
 
+    results = {}
+    if BACKEND != "jax" and not REFERENCE:
+        strategy = getattr(train, "strategy", None)
+        for name, rows in UNEVEN.items():
+            for synchronized in (True, False):
+                step = uneven_step(
+                    {"synchronized": synchronized}, rows, strategy
+                )
+                for key, value in step.items():
+                    results[f"{name}_{synchronized}/{key}"] = value
+
     runs = REFERENCES if REFERENCE else RUNS
     if REFERENCE and BACKEND != "jax":
         runs = {name: args for name, args in runs.items() if name != "group2"}
-    results = {}
     x, _ = data()
     for name, arguments in runs.items():
         keras.utils.set_random_seed(2)

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import reference
+
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 ROOT = WORKER.parents[1]
 BACKENDS = ("torch", "tensorflow", "jax")
@@ -141,3 +143,50 @@ def test_keras_layer_under_the_same_launch(runs, backend):
     assert differ == (backend != "jax")
     if backend == "jax":
         _assert_same(first, _run(runs["jax"]["0"], "synchronized"), 1e-5)
+
+
+@pytest.mark.parametrize("synchronized", [True, False])
+@pytest.mark.parametrize("name", ["uneven", "empty"])
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_uneven_and_empty_shares(runs, backend, name, synchronized):
+    """A process with fewer rows, or none, takes part in the same
+    all-reduces: no hang, nothing NaN, statistics weighted by counts, and
+    the same moving statistics in both processes."""
+    first, second = (
+        _run(runs[backend][p], f"{name}_{synchronized}") for p in ("0", "1")
+    )
+    inputs = np.concatenate([first["inputs"], second["inputs"]])
+    starts = np.cumsum([0, len(first["inputs"]), len(second["inputs"])])
+    assert len(inputs) == 16 and (starts[1] == 16) == (name == "empty")
+    shares = [
+        slice(start, end)
+        for start, end in zip(starts[:-1], starts[1:], strict=True)
+        if end > start
+    ]
+    groups = [slice(0, starts[-1])] if synchronized else shares
+    expected_outputs = np.empty(inputs.shape)
+    counts, means, variances = [], [], []
+    for group in groups:
+        expected = reference.batch_norm(inputs[group])
+        expected_outputs[group] = expected["outputs"]
+        counts.append(expected["count"])
+        means.append(expected["mean"])
+        variances.append(expected["variance"])
+    total = np.sum(counts, axis=0)
+    for process, saved in enumerate((first, second)):
+        mine = slice(starts[process], starts[process + 1])
+        np.testing.assert_allclose(
+            saved["outputs"], expected_outputs[mine], rtol=1e-5, atol=1e-5
+        )
+        for key, values, start in (
+            ("moving_mean", means, 0.0),
+            ("moving_variance", variances, 1.0),
+        ):
+            batch = np.sum(np.multiply(counts, values), axis=0) / total
+            np.testing.assert_allclose(
+                saved[key],
+                reference.moving_average(start, batch, 0.5),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+            np.testing.assert_array_equal(saved[key], first[key])

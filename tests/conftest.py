@@ -17,6 +17,15 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=_SLOW_EXAMPLES,
 )
+# `quick`: a few examples per property, for the oldest-Keras run
+# (tests/oldest_keras.py), which checks compatibility rather than depth.
+settings.register_profile(
+    "quick",
+    max_examples=10,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=_SLOW_EXAMPLES,
+)
 settings.register_profile(
     "thorough",
     max_examples=1000,

@@ -55,7 +55,18 @@ def main():
     )
     subprocess.check_call(pip + ["--no-deps", "-e", str(ROOT)])
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    command = [python, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
+    # A few randomized examples per property: this run is about
+    # compatibility, and the main suite explores in depth.
+    command = [
+        python,
+        "-m",
+        "pytest",
+        "tests",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--hypothesis-profile=quick",
+    ]
     return subprocess.call(command + args.pytest_args, cwd=ROOT, env=env)
 
 
