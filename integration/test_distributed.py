@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import pytest
+import saved_runs
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parents[1]
@@ -52,25 +53,6 @@ def runs(tmp_path_factory):
     return results
 
 
-def _run(runs, backend, name):
-    arrays = runs[backend]
-    keys = sorted(key for key in arrays if key.startswith(f"{name}/"))
-    assert keys, f"no run {name} on {backend}"
-    return {key.split("/", 1)[1]: arrays[key] for key in keys}
-
-
-def _assert_same(actual, expected, tolerance=1e-5):
-    assert actual.keys() == expected.keys()
-    for key in actual:
-        np.testing.assert_allclose(
-            actual[key],
-            expected[key],
-            rtol=tolerance,
-            atol=tolerance,
-            err_msg=key,
-        )
-
-
 @pytest.mark.parametrize(
     "backend,run,reference",
     [
@@ -92,7 +74,10 @@ def _assert_same(actual, expected, tolerance=1e-5):
     ids=lambda value: value,
 )
 def test_several_devices_equal_one(runs, backend, run, reference):
-    _assert_same(_run(runs, backend, run), _run(runs, backend, reference))
+    saved_runs.assert_same(
+        saved_runs.run(runs[backend], run),
+        saved_runs.run(runs[backend], reference),
+    )
 
 
 @pytest.mark.parametrize(
@@ -111,8 +96,10 @@ def test_several_devices_equal_one(runs, backend, run, reference):
 def test_tensorflow_equals_jax(runs, run):
     # Two backends round differently, and a ghost batch of 2 samples (in
     # ghost3) amplifies it through four training steps: 1e-4, not 1e-5.
-    _assert_same(
-        _run(runs, "tensorflow", run), _run(runs, "jax", run), tolerance=1e-4
+    saved_runs.assert_same(
+        saved_runs.run(runs["tensorflow"], run),
+        saved_runs.run(runs["jax"], run),
+        tolerance=1e-4,
     )
 
 
@@ -121,7 +108,9 @@ def test_the_settings_differ(runs, backend):
     """The data is chosen so that every setting trains differently: the
     equalities above cannot hold by accident."""
     names = ["synchronized_2", "local_2", "ghost3_local_2", "ghost4_local_2"]
-    predictions = [_run(runs, backend, name)["predictions"] for name in names]
+    predictions = [
+        saved_runs.run(runs[backend], name)["predictions"] for name in names
+    ]
     for index, first in enumerate(predictions):
         for second in predictions[index + 1 :]:
             assert np.max(np.abs(first - second)) > 1e-2

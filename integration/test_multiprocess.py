@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 import pytest
+import saved_runs
 
 from tests import reference
 
@@ -85,24 +86,6 @@ def runs(tmp_path_factory):
     return results
 
 
-def _run(arrays, name):
-    keys = sorted(key for key in arrays if key.startswith(f"{name}/"))
-    assert keys, f"no run {name}"
-    return {key.split("/", 1)[1]: arrays[key] for key in keys}
-
-
-def _assert_same(actual, expected, tolerance):
-    assert actual.keys() == expected.keys()
-    for key in actual:
-        np.testing.assert_allclose(
-            actual[key],
-            expected[key],
-            rtol=tolerance,
-            atol=tolerance,
-            err_msg=key,
-        )
-
-
 CASES = [
     (backend, run)
     for backend in BACKENDS
@@ -112,14 +95,16 @@ CASES = [
 
 @pytest.mark.parametrize("backend,run", CASES, ids=str)
 def test_processes_equal_one_process(runs, backend, run):
-    reference = _run(runs[backend]["reference"], run)
+    reference = saved_runs.run(runs[backend]["reference"], run)
     for process in ("0", "1"):
-        _assert_same(_run(runs[backend][process], run), reference, 1e-5)
+        saved_runs.assert_same(
+            saved_runs.run(runs[backend][process], run), reference, 1e-5
+        )
 
 
 @pytest.mark.parametrize("backend,run", CASES, ids=str)
 def test_the_processes_are_identical(runs, backend, run):
-    first, second = (_run(runs[backend][p], run) for p in ("0", "1"))
+    first, second = (saved_runs.run(runs[backend][p], run) for p in ("0", "1"))
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
@@ -127,9 +112,11 @@ def test_the_processes_are_identical(runs, backend, run):
 @pytest.mark.parametrize("run", ["synchronized", "ghost2"])
 @pytest.mark.parametrize("process", ["0", "reference"])
 def test_the_backends_agree(runs, run, process):
-    jax = _run(runs["jax"][process], run)
+    jax = saved_runs.run(runs["jax"][process], run)
     for backend in ("torch", "tensorflow"):
-        _assert_same(_run(runs[backend][process], run), jax, 1e-4)
+        saved_runs.assert_same(
+            saved_runs.run(runs[backend][process], run), jax, 1e-4
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,12 +124,16 @@ def test_keras_layer_under_the_same_launch(runs, backend):
     """The control: Keras's own layer keeps each process's moving
     statistics on PyTorch and TensorFlow, which then differ; on JAX it
     normalizes over the global batch, like `synchronized=True`."""
-    first, second = (_run(runs[backend][p], "keras") for p in ("0", "1"))
+    first, second = (
+        saved_runs.run(runs[backend][p], "keras") for p in ("0", "1")
+    )
     moving = [key for key in first if key.startswith("weights/")]
     differ = any(not np.allclose(first[k], second[k]) for k in moving)
     assert differ == (backend != "jax")
     if backend == "jax":
-        _assert_same(first, _run(runs["jax"]["0"], "synchronized"), 1e-5)
+        saved_runs.assert_same(
+            first, saved_runs.run(runs["jax"]["0"], "synchronized"), 1e-5
+        )
 
 
 @pytest.mark.parametrize("synchronized", [True, False])
@@ -153,7 +144,8 @@ def test_uneven_and_empty_shares(runs, backend, name, synchronized):
     all-reduces: no hang, nothing NaN, statistics weighted by counts, and
     the same moving statistics in both processes."""
     first, second = (
-        _run(runs[backend][p], f"{name}_{synchronized}") for p in ("0", "1")
+        saved_runs.run(runs[backend][p], f"{name}_{synchronized}")
+        for p in ("0", "1")
     )
     inputs = np.concatenate([first["inputs"], second["inputs"]])
     starts = np.cumsum([0, len(first["inputs"]), len(second["inputs"])])

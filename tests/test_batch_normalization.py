@@ -123,6 +123,32 @@ def _twin_layers(kwargs, shape):
     return ours, theirs
 
 
+def _assert_same_weights(ours, theirs):
+    for mine, keras_weight in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_allclose(
+            to_numpy(mine),
+            to_numpy(keras_weight),
+            rtol=RTOL,
+            atol=ATOL,
+            err_msg=mine.name,
+        )
+
+
+def _training_gradients(layer, x, upstream, **call_kwargs):
+    """The value of `sum(layer(x, training=True) * upstream)` and its
+    gradients with respect to `x` and the trainable weights."""
+    non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
+
+    def loss(x, *trainable):
+        y, _ = layer.stateless_call(
+            list(trainable), non_trainable, x, training=True, **call_kwargs
+        )
+        return ops.sum(ops.multiply(y, upstream))
+
+    trainable = [ops.copy(w) for w in layer.trainable_variables]
+    return value_and_gradients(loss, x, *trainable)
+
+
 @PARITY
 def test_parity_weights(kwargs, shape):
     ours, theirs = _twin_layers(kwargs, shape)
@@ -162,16 +188,7 @@ def test_parity_steps(kwargs, shape):
             rtol=RTOL,
             atol=ATOL,
         )
-        for mine, keras_weight in zip(
-            ours.weights, theirs.weights, strict=True
-        ):
-            np.testing.assert_allclose(
-                to_numpy(mine),
-                to_numpy(keras_weight),
-                rtol=RTOL,
-                atol=ATOL,
-                err_msg=mine.name,
-            )
+        _assert_same_weights(ours, theirs)
         for training in (False, None):
             np.testing.assert_allclose(
                 to_numpy(ours(x, training=training)),
@@ -187,21 +204,9 @@ def test_parity_gradients(kwargs, shape):
     x = _normal(shape, loc=0.5, scale=2.0)
     upstream = _normal(shape, seed=7)
 
-    def gradients(layer):
-        non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
-
-        def loss(x, *trainable):
-            y, _ = layer.stateless_call(
-                list(trainable), non_trainable, x, training=True
-            )
-            return ops.sum(ops.multiply(y, upstream))
-
-        trainable = [ops.copy(w) for w in layer.trainable_variables]
-        return value_and_gradients(loss, x, *trainable)
-
     (value, grads), (keras_value, keras_grads) = (
-        gradients(ours),
-        gradients(theirs),
+        _training_gradients(ours, x, upstream),
+        _training_gradients(theirs, x, upstream),
     )
     np.testing.assert_allclose(value, keras_value, rtol=RTOL, atol=1e-4)
     assert len(grads) == len(keras_grads)
@@ -312,33 +317,11 @@ def test_parity_keras_masks(kwargs, shape, mask_shape):
             rtol=RTOL,
             atol=ATOL,
         )
-        for mine, keras_weight in zip(
-            ours.weights, theirs.weights, strict=True
-        ):
-            np.testing.assert_allclose(
-                to_numpy(mine),
-                to_numpy(keras_weight),
-                rtol=RTOL,
-                atol=ATOL,
-                err_msg=mine.name,
-            )
+        _assert_same_weights(ours, theirs)
     upstream = _normal(shape, seed=7)
-
-    def gradients(layer):
-        non_trainable = [ops.copy(w) for w in layer.non_trainable_variables]
-
-        def loss(x, *trainable):
-            y, _ = layer.stateless_call(
-                list(trainable), non_trainable, x, training=True, mask=mask
-            )
-            return ops.sum(ops.multiply(y, upstream))
-
-        trainable = [ops.copy(w) for w in layer.trainable_variables]
-        return value_and_gradients(loss, x, *trainable)[1]
-
-    for mine, keras_grad in zip(
-        gradients(ours), gradients(theirs), strict=True
-    ):
+    _, grads = _training_gradients(ours, x, upstream, mask=mask)
+    _, keras_grads = _training_gradients(theirs, x, upstream, mask=mask)
+    for mine, keras_grad in zip(grads, keras_grads, strict=True):
         np.testing.assert_allclose(mine, keras_grad, rtol=RTOL, atol=1e-4)
 
 
@@ -397,10 +380,7 @@ def test_parity_masking_layer_with_axis_1():
         rtol=RTOL,
         atol=ATOL,
     )
-    for mine, keras_weight in zip(ours.weights, theirs.weights, strict=True):
-        np.testing.assert_allclose(
-            to_numpy(mine), to_numpy(keras_weight), rtol=RTOL, atol=ATOL
-        )
+    _assert_same_weights(ours, theirs)
 
 
 def test_mask_of_the_input_rank_is_read_as_it_is():
