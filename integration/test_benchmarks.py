@@ -86,3 +86,49 @@ def test_reductions_benchmark_runs(backend):
     for row in rows[2:]:
         timings = [float(cell) for cell in row.strip("| ").split(" | ")[-2:]]
         assert all(math.isfinite(t) and t > 0 for t in timings), row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multiprocess_benchmark_counts(tmp_path, backend):
+    """Two processes: the all-reduces of a step, read from the profiler,
+    the graph or the compiled program, are those the README states for a
+    batch norm of C channels."""
+    result = backend_process.run(
+        backend,
+        "benchmarks/multiprocess.py",
+        "--rounds",
+        "1",
+        "--steps",
+        "2",
+        "--channels",
+        "8",
+        "--output-dir",
+        tmp_path,
+        "--timeout",
+        "300",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / f"multiprocess_{backend}.json").read_text())
+    layers, c = report["batch_norm_layers"], report["channels"]
+    rows = report["variants"]
+    for row in rows.values():
+        assert math.isfinite(row["step_ms"]) and row["step_ms"] > 0
+    synchronized = rows["keras_bn synchronized=True"]["all_reduce_floats"]
+    local = rows["keras_bn synchronized=False"]["all_reduce_floats"]
+    keras_layer = rows["keras synchronized=False"]["all_reduce_floats"]
+    bare = rows["no batch norm"]["all_reduce_floats"]
+    # gamma and beta add their gradients to the gradients' all-reduce.
+    gradients = max(bare) + 2 * c * layers
+    if backend == "jax":
+        assert sorted(synchronized) == sorted(
+            [c] * 2 * layers + [2 * c] * layers + [max(bare)]
+        )
+        # XLA merges the moving statistics into the gradients' all-reduce.
+        assert local == [gradients + 2 * c * layers]
+    else:
+        assert sorted(synchronized) == sorted(
+            [c, 2 * c] * 2 * layers + [gradients]
+        )
+        # One all-reduce per layer: sums, squares and counts stacked.
+        assert sorted(local) == sorted([3 * c] * layers + [gradients])
+        assert keras_layer == [gradients]

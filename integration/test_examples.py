@@ -175,3 +175,39 @@ def test_unknown_dataset():
     assert result.returncode != 0
     assert "no_such_dataset" in result.stderr, result.stderr[-4000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_process(tmp_path, backend):
+    """Two processes on 127.0.0.1 train one model: the launcher waits for
+    both, and every weight, moving statistics included, is the same in
+    both."""
+    result = _run(
+        backend,
+        [
+            "examples/multi_process.py",
+            "--epochs",
+            "1",
+            "--limit",
+            "256",
+            "--batch-size",
+            "32",
+            "--output-dir",
+            tmp_path,
+            "--timeout",
+            "300",
+        ],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "largest difference between the processes' weights: 0\n" in (
+        result.stdout + "\n"
+    ), result.stdout[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["backend"] == backend
+    assert metrics["processes"] == 2
+    assert metrics["largest_weight_difference"] == 0.0
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert math.isfinite(metrics["test_loss"])
+    assert metrics["seconds_per_step"] > 0.0
+    saved = sorted(path.name for path in tmp_path.glob("weights_*.npz"))
+    assert saved == ["weights_0.npz", "weights_1.npz"]
