@@ -11,9 +11,12 @@ from keras import regularizers
 
 from keras_bn import _distribute
 from keras_bn import _moments
+from keras_bn import _momentum
 from keras_bn import _remat
 
 _INFERENCE_STATISTICS = ("moving", "batch")
+_TRAINING_STATISTICS = ("batch", "moving")
+_MOVING_AVERAGES = ("ema", "debiased", "cumulative")
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
@@ -168,6 +171,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_momentum=0.99,
         virtual_batch_size=None,
         inference_statistics="moving",
+        training_statistics="batch",
+        moving_average="ema",
+        bessel_correction=False,
         **kwargs,
     ):
         # A subclass of Keras's layer, so that code which finds batch
@@ -177,7 +183,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # of it is overridden here, and no private one is called.
         keras.layers.Layer.__init__(self, **kwargs)
         self.axis = _standardize_axis(axis)
-        self.momentum = _unit_interval("momentum", momentum)
+        self._momenta = {}
+        self.momentum = momentum
         self.epsilon = float(epsilon)
         if not self.epsilon > 0:
             raise ValueError(
@@ -198,21 +205,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.synchronized = _standardize_synchronized(synchronized)
         self.renorm = bool(renorm)
         self.renorm_clipping = _standardize_renorm_clipping(renorm_clipping)
-        self.renorm_momentum = _unit_interval(
-            "renorm_momentum", renorm_momentum
-        )
+        self.renorm_momentum = renorm_momentum
         self.virtual_batch_size = _standardize_virtual_batch_size(
             virtual_batch_size
         )
         if self.virtual_batch_size is not None:
             _check_batch_axis_not_in(self.axis, self.virtual_batch_size)
-        if inference_statistics not in _INFERENCE_STATISTICS:
-            raise ValueError(
-                "`inference_statistics` must be one of "
-                f"{_INFERENCE_STATISTICS}. Received: "
-                f"inference_statistics={inference_statistics!r}"
-            )
-        self.inference_statistics = inference_statistics
+        self.inference_statistics = _one_of(
+            "inference_statistics", inference_statistics, _INFERENCE_STATISTICS
+        )
+        self.training_statistics = _one_of(
+            "training_statistics", training_statistics, _TRAINING_STATISTICS
+        )
+        self.moving_average = _one_of(
+            "moving_average", moving_average, _MOVING_AVERAGES
+        )
+        self.bessel_correction = bool(bessel_correction)
         self.supports_masking = True
 
         self.gamma = None
@@ -304,10 +312,81 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 trainable=False,
                 autocast=False,
             )
+        if self.moving_average != "ema":
+            # After Keras's weights: a layer with the default average has
+            # exactly those.
+            self.moving_weight = self.add_weight(
+                shape=shape,
+                name="moving_weight",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
+        # Read by the training step when it runs: a new value takes effect
+        # in a compiled step without compiling it again (see `_momentum`).
+        names = (
+            ("momentum", "renorm_momentum") if self.renorm else ("momentum",)
+        )
+        self._momenta = {
+            name: _momentum.Momentum(self, name, getattr(self, name))
+            for name in names
+        }
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim,
             axes={axis: input_shape[axis] for axis in self._feature_axes},
         )
+
+    @property
+    def momentum(self):
+        """The momentum of the moving statistics; a new value takes effect
+        at the next training step, compiled or not."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        self._momentum = _unit_interval("momentum", value)
+        if "momentum" in self._momenta:
+            self._momenta["momentum"].assign(self._momentum)
+
+    @property
+    def renorm_momentum(self):
+        """The momentum of the renorm statistics; a new value takes effect
+        at the next training step, compiled or not."""
+        return self._renorm_momentum
+
+    @renorm_momentum.setter
+    def renorm_momentum(self, value):
+        self._renorm_momentum = _unit_interval("renorm_momentum", value)
+        if "renorm_momentum" in self._momenta:
+            self._momenta["renorm_momentum"].assign(self._renorm_momentum)
+
+    @property
+    def weights(self):
+        # The layer has no sublayer and no seed: its variables are its
+        # weights and, on JAX, the momenta once they change (state, not
+        # weights: the config holds their values). `super().weights` would
+        # stop torch.compile's tracing.
+        return [
+            variable
+            for variable in self.variables
+            if not any(m.is_variable(variable) for m in self._momenta.values())
+        ]
+
+    def save_own_variables(self, store):
+        for index, weight in enumerate(self.weights):
+            store[f"{index}"] = weight
+
+    def load_own_variables(self, store):
+        weights = self.weights
+        if len(store.keys()) != len(weights):
+            raise ValueError(
+                f"Layer {self.name!r} has {len(weights)} weights "
+                f"({', '.join(weight.name for weight in weights)}), but the "
+                f"file holds {len(store.keys())} for it. Received: "
+                f"{len(store.keys())} saved weights"
+            )
+        for index, weight in enumerate(weights):
+            weight.assign(store[f"{index}"])
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -323,16 +402,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
             compute_dtype = "float32"
         inputs = ops.cast(inputs, compute_dtype)
 
-        if training and self.trainable:
+        training = bool(training and self.trainable)
+        if training and self.training_statistics == "batch":
             outputs = self._train(inputs, mask)
+        elif not training and self.inference_statistics == "batch":
+            stats = _moments.moments(inputs, self._reduction_axes, mask)
+            outputs = stats.ungroup([self._normalize(p) for p in stats.parts])
         else:
-            if self.inference_statistics == "batch":
-                stats = _moments.moments(inputs, self._reduction_axes, mask)
-                outputs = stats.ungroup(
-                    [self._normalize(p) for p in stats.parts]
-                )
-            else:
-                outputs = self._normalize_moving(inputs)
+            outputs = self._normalize_moving(inputs)
         return ops.cast(outputs, self.compute_dtype)
 
     def _normalize_moving(self, inputs):
@@ -363,6 +440,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._reduction_axes,
             mask,
             virtual_batch_size=self.virtual_batch_size,
+            unbiased=self.bessel_correction,
             **_distribute.moments_arguments(
                 self.synchronized, self.virtual_batch_size
             ),
@@ -458,21 +536,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _update_moving_statistics(self, mean, variance, count):
         keep = _no_data(mean, variance, count)
-        self._assign_average(self.moving_mean, mean, self.momentum, keep)
-        self._assign_average(
-            self.moving_variance, variance, self.momentum, keep
-        )
+        weights = self._average_weights(keep)
+        self._assign_average(self.moving_mean, mean, weights, keep)
+        self._assign_average(self.moving_variance, variance, weights, keep)
 
     def _update_renorm_statistics(self, mean, variance, count):
         keep = _no_data(mean, variance, count)
         stddev = ops.sqrt(variance + self.epsilon)
-        self._assign_average(self.renorm_mean, mean, self.renorm_momentum, keep)
-        self._assign_average(
-            self.renorm_stddev, stddev, self.renorm_momentum, keep
-        )
-        self._assign_average(self.moving_mean, mean, self.momentum, keep)
+        renorm = self._momenta["renorm_momentum"].read()
+        self._assign_average(self.renorm_mean, mean, renorm, keep)
+        self._assign_average(self.renorm_stddev, stddev, renorm, keep)
+        weights = self._average_weights(keep)
+        self._assign_average(self.moving_mean, mean, weights, keep)
         moving_stddev = self._assign_average(
-            self.moving_stddev, stddev, self.momentum, keep
+            self.moving_stddev, stddev, weights, keep
         )
         # The relu guards against rounding below zero, as in Keras.
         self._assign_where(
@@ -481,13 +558,40 @@ class BatchNormalization(keras.layers.BatchNormalization):
             keep,
         )
 
-    def _assign_average(self, variable, value, momentum, keep):
-        """`variable = variable * momentum + value * (1 - momentum)`, except
-        where `keep`; returns the new value."""
+    def _average_weights(self, keep):
+        """The weights of the moving statistics and of the batch's in the
+        update of the moving statistics (see `moving_average`); updates the
+        total weight of a debiased or cumulative average."""
+        momentum, rate = self._momenta["momentum"].read()
+        if self.moving_average == "ema":
+            return momentum, rate
+        total = ops.convert_to_tensor(self.moving_weight)
+        if self.moving_average == "debiased":
+            old, batch = momentum * total, rate
+        else:
+            old, batch = total, ops.ones_like(total)
+        new_total = old + batch
+        # Nothing to average yet (a debiased average with momentum 1):
+        # the moving statistics stay.
+        some = new_total > 0
+        safe = ops.where(some, new_total, ops.ones_like(new_total))
+        weights = ops.where(some, old / safe, ops.ones_like(safe)), batch / safe
+        # Assigned once the weights are computed: on PyTorch, `total` is
+        # the variable's own tensor, which the assignment changes in place.
+        self._assign_where(self.moving_weight, new_total, keep)
+        return weights
+
+    def _assign_average(self, variable, value, weights, keep):
+        """`variable = variable * old + value * new` for the `weights`
+        `(old, new)` (which broadcast to it), except where `keep`; returns
+        the new value."""
         value = ops.reshape(value, variable.shape)
         old = ops.cast(variable, value.dtype)
+        old_weight, new_weight = (
+            ops.cast(weight, value.dtype) for weight in weights
+        )
         return self._assign_where(
-            variable, old * momentum + value * (1.0 - momentum), keep
+            variable, old * old_weight + value * new_weight, keep
         )
 
     def _assign_where(self, variable, value, keep):
@@ -533,6 +637,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             "renorm_momentum": self.renorm_momentum,
             "virtual_batch_size": self.virtual_batch_size,
             "inference_statistics": self.inference_statistics,
+            "training_statistics": self.training_statistics,
+            "moving_average": self.moving_average,
+            "bessel_correction": self.bessel_correction,
         }
         return {**super().get_config(), **config}
 
@@ -579,6 +686,14 @@ def _clip(x, low=None, high=None):
         high = ops.convert_to_tensor(high, x.dtype)
         x = ops.where(x > high, high, x)
     return x
+
+
+def _one_of(name, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {choices}. Received: {name}={value!r}"
+        )
+    return value
 
 
 def _sqrt_initializer(initializer):

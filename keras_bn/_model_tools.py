@@ -25,7 +25,13 @@ _FOLDABLE = (
     keras.layers.DepthwiseConv2D,
 )
 # Arguments of keras_bn's layer that Keras's layer does not have.
-_KERAS_BN_ONLY_KEYS = ("virtual_batch_size", "inference_statistics")
+_KERAS_BN_ONLY_KEYS = (
+    "virtual_batch_size",
+    "inference_statistics",
+    "training_statistics",
+    "moving_average",
+    "bessel_correction",
+)
 
 
 def recalibrate(model, data, steps=None, batch_size=32):

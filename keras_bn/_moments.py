@@ -135,6 +135,7 @@ def moments(
     num_shards=1,
     group_sum=None,
     total_sum=None,
+    unbiased=False,
 ):
     """Mean and variance of `x` over `axes`, per group of samples.
 
@@ -157,6 +158,10 @@ def moments(
         total_sum: Optional function that turns the totals behind
             `batch_mean`, `batch_variance` and `count` into those of every
             replica.
+        unbiased: If `True`, `batch_variance` averages the groups'
+            Bessel-corrected variances, `n / (n - 1)` times theirs for a
+            group of `n` elements (1 for a group of one); the parts keep the
+            biased variance.
 
     Returns:
         A `Moments` tuple. An empty (fully masked) group has mean and
@@ -169,7 +174,7 @@ def moments(
     parts, totals = [], []
     for view, view_mask in zip(layout.views, masks, strict=True):
         part, *sums = _group_moments(
-            view, layout.axes, view_mask, layout.grouped, group_sum
+            view, layout.axes, view_mask, layout.grouped, group_sum, unbiased
         )
         parts.append(part)
         totals.append([layout.total(value) for value in sums])
@@ -357,11 +362,12 @@ class SpreadGroups(RaggedGroups):
         return _only(outputs)
 
 
-def _group_moments(x, axes, mask, grouped, group_sum):
+def _group_moments(x, axes, mask, grouped, group_sum, unbiased=False):
     """The `Part` of `x`, a group per index of axis 0 if `grouped` (axis 0
     is not in `axes` then), else one group, with the sums, squares and
     counts behind it; `group_sum` sums those over replicas. The sums,
-    squares and counts are in the part's layout."""
+    squares and counts are in the part's layout; with `unbiased`, the
+    squares returned are Bessel-corrected (see `moments`)."""
     # The grouped layouts get merged axes (see `Part`); `InputLayout` keeps
     # the input's.
     runs = []
@@ -408,6 +414,9 @@ def _group_moments(x, axes, mask, grouped, group_sum):
     squares = masked_sum(centered * centered)
     (squares,) = _replica_sum(group_sum, (squares,))
     part = Part(mean, squares / safe_counts, centered, feature_shape)
+    if unbiased:
+        one = ops.ones_like(counts)
+        squares = squares * counts / ops.where(counts > 1, counts - 1, one)
     return part, sums, squares, counts
 
 
