@@ -49,6 +49,9 @@ def recalibrate(model, data, steps=None, batch_size=32):
     statistics, as in training; every other layer runs in inference mode
     (no dropout). No trainable weight changes. With renorm, `moving_stddev`
     follows the new variance and the renorm statistics are left alone.
+    With `moving_average="cumulative"`, training goes on from an average of
+    as many batches as the pass saw; with `"debiased"`, from a complete
+    estimate, as after a long training.
 
     The model is updated in place.
 
@@ -134,6 +137,14 @@ def recalibrate(model, data, steps=None, batch_size=32):
                 np.sqrt(variance + layer.epsilon).reshape(
                     layer.moving_stddev.shape
                 )
+            )
+        if getattr(layer, "moving_average", "ema") != "ema":
+            # A cumulative average goes on from the batches seen here; a
+            # debiased one from a complete estimate.
+            full = batches if layer.moving_average == "cumulative" else 1.0
+            weight = layer.moving_weight.numpy().reshape(-1)
+            layer.moving_weight.assign(
+                np.where(keep, weight, full).reshape(layer.moving_weight.shape)
             )
     return model
 
@@ -382,9 +393,20 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
     for layer, new in pairs:
         weights = weights_of(layer) if weights_of else None
         if weights is None:
-            weights = layer.get_weights()
+            weights = _carried_weights(layer, new)
         new.set_weights(weights)
     return rebuilt
+
+
+def _carried_weights(layer, new):
+    """The weights of `layer` for its copy `new`: all of them, or, between
+    batch norms, those of the same name; a weight only `new` has (the
+    total weight of a debiased or cumulative average) keeps its initial
+    value, so that such an average starts at the next training step."""
+    if not (_is_batch_norm(layer) and _is_batch_norm(new)):
+        return layer.get_weights()
+    old = {weight.name: weight.numpy() for weight in layer.weights}
+    return [old.get(weight.name, weight.numpy()) for weight in new.weights]
 
 
 def _check_no_hidden_batch_norm(layer, name):

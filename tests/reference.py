@@ -79,7 +79,8 @@ def batch_norm(
         A dict with `outputs`; `output_terms`, the sum of the absolute values
         of the terms of each output (the scale that bounds its rounding
         errors); the renorm `corrections`; and the
-        count-weighted averages over ghost batches `mean`, `variance`, and
+        count-weighted averages over ghost batches `mean`, `variance`,
+        `unbiased_variance` (of the Bessel-corrected variances) and
         `count`, of the feature axes' shape.
     """
     x, features, reduce, mask = _layout(x, axis, mask)
@@ -93,6 +94,7 @@ def batch_norm(
     corrections = []
     total_mean = 0.0
     total_variance = 0.0
+    total_unbiased = 0.0
     total_count = 0.0
     for start in range(0, batch, size):
         rows = slice(start, min(start + size, batch))
@@ -132,6 +134,10 @@ def batch_norm(
         )
         total_mean = total_mean + mean * count
         total_variance = total_variance + variance * count
+        # Bessel's correction: n / (n - 1), none for a group of one.
+        total_unbiased = total_unbiased + variance * count * count / np.where(
+            count > 1, count - 1, 1
+        )
         total_count = total_count + count
 
     safe = np.maximum(total_count, 1.0)
@@ -143,6 +149,7 @@ def batch_norm(
         "corrections": corrections,
         "mean": (total_mean / safe).reshape(param_shape),
         "variance": (total_variance / safe).reshape(param_shape),
+        "unbiased_variance": (total_unbiased / safe).reshape(param_shape),
         "count": np.broadcast_to(total_count, shape).reshape(param_shape),
     }
 
@@ -235,6 +242,29 @@ def inference(x, mean, variance, axis=-1, gamma=None, beta=None, epsilon=1e-3):
 
 def moving_average(moving, value, momentum):
     return np.asarray(moving) * momentum + np.asarray(value) * (1 - momentum)
+
+
+def averaged(batches, momentum, moving_average, initial):
+    """The moving statistic after updates with the statistics `batches`,
+    one after another, from `initial`, by its definition rather than by
+    the layer's recursion: `"ema"` weights the initial value `m^t` and
+    batch `i` of `t` `(1 - m) m^(t - i)`; `"debiased"` weights only the
+    batches so, normalized to sum to 1; `"cumulative"` weights each batch
+    alike. `momentum` is a float, or one per update."""
+    batches = [np.asarray(batch, np.float64) for batch in batches]
+    steps = len(batches)
+    momenta = np.broadcast_to(np.asarray(momentum, np.float64), (steps,))
+    if moving_average == "cumulative":
+        return np.mean(batches, axis=0)
+    # The weight of batch i: (1 - m_i) times the momenta of the updates
+    # after it.
+    weights = [
+        (1.0 - momenta[i]) * np.prod(momenta[i + 1 :]) for i in range(steps)
+    ]
+    total = sum(w * b for w, b in zip(weights, batches, strict=True))
+    if moving_average == "debiased":
+        return total / sum(weights)
+    return np.prod(momenta) * np.asarray(initial, np.float64) + total
 
 
 def numerical_gradient(fn, x, delta=1e-6):
