@@ -1,5 +1,6 @@
 """keras-bn: a drop-in, backend-agnostic batch normalization for Keras 3."""
 
+from keras_bn import callbacks
 from keras_bn._batch_normalization import BatchNormalization
 from keras_bn._model_tools import convert
 from keras_bn._model_tools import fold
@@ -8,4 +9,11 @@ from keras_bn._model_tools import revert
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormalization", "convert", "fold", "recalibrate", "revert"]
+__all__ = [
+    "BatchNormalization",
+    "callbacks",
+    "convert",
+    "fold",
+    "recalibrate",
+    "revert",
+]

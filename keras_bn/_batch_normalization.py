@@ -363,9 +363,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     @property
     def weights(self):
         # The layer has no sublayer and no seed: its variables are its
-        # weights and, on JAX, the momenta once they change (state, not
-        # weights: the config holds their values). `super().weights` would
-        # stop torch.compile's tracing.
+        # weights and, on JAX, the momenta (state, not weights: the config
+        # holds their values). `super().weights` would stop
+        # torch.compile's tracing.
         return [
             variable
             for variable in self.variables

@@ -11,14 +11,14 @@ a tensor, and which a new value updates in place:
   reads it when it runs, and `torch.compile` takes it as an input of the
   graph.
 - **JAX**: a compiled step reads only the state it is given, so the cell
-  becomes a (non-trainable) variable of the layer the first time its value
-  changes after the layer is built: the model's state then carries it, and
-  the step is compiled once more, for the new state, and never again. Until
-  then the momentum is a constant, as in Keras's layer.
+  is a non-trainable variable of the layer, which the model's state
+  carries. On JAX, `fit` keeps that state outside the variables between
+  two syncs: a callback changes it through `self.model`, which syncs them,
+  as for any state.
 
 None of them is a weight of the layer (see
-`BatchNormalization.weights`): weights, saved files and Keras's own tests
-see the layer Keras's layer is.
+`BatchNormalization.weights`): `weights`, `get_weights`, saved files and
+Keras's own tests see the weights of Keras's layer.
 
 The cell holds `[momentum, 1 - momentum]` in float64 (float32 on JAX
 without 64-bit floats): cast to the statistics' dtype, each is rounded once
@@ -31,19 +31,26 @@ from keras import ops
 
 
 def pair(momentum):
+    """The factors of an update: of the moving statistic, of the batch's."""
     return [momentum, 1.0 - momentum]
 
 
 class Momentum:
-    """The momentum `name` of `layer`, with the value `momentum`; made
-    once the layer's moving statistics exist."""
+    """The momentum `name` of `layer`, with the value `momentum`, made in
+    the layer's `build`."""
 
     def __init__(self, layer, name, momentum):
-        self.layer = layer
-        self.name = name
-        self.momentum = momentum
-        self.variable = None
-        if keras.backend.backend() != "jax":
+        if keras.backend.backend() == "jax":
+            # A variable of the layer: the state a compiled step is given.
+            self.variable = layer.add_weight(
+                shape=(2,),
+                name=name,
+                initializer=_initializer(momentum),
+                dtype=_jax_float(),
+                trainable=False,
+                autocast=False,
+            )
+        else:
             # Not an attribute of the layer: not one of its variables.
             self.variable = keras.Variable(
                 initializer=_initializer(momentum),
@@ -56,28 +63,15 @@ class Momentum:
 
     def read(self):
         """The factors `(momentum, 1 - momentum)` of an update, as tensors
-        read when the step runs, or Python floats on JAX until the value
-        first changes."""
-        if self.variable is None:
-            return tuple(pair(self.momentum))
+        read when the step runs."""
         return tuple(ops.unstack(ops.convert_to_tensor(self.variable)))
 
     def assign(self, momentum):
-        self.momentum = momentum
-        if self.variable is None:
-            self.variable = self.layer.add_weight(
-                shape=(2,),
-                name=self.name,
-                initializer=_initializer(momentum),
-                dtype=_jax_float(),
-                trainable=False,
-                autocast=False,
-            )
-        else:
-            self.variable.assign(pair(momentum))
+        self.variable.assign(pair(momentum))
 
     def is_variable(self, variable):
-        """Whether `variable` is this cell's (a JAX layer variable)."""
+        """Whether `variable` is this cell's (a variable of the layer on
+        JAX)."""
         return self.variable is variable
 
 
