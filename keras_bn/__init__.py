@@ -2,6 +2,7 @@
 
 from keras_bn import callbacks
 from keras_bn._batch_normalization import BatchNormalization
+from keras_bn._from_torch import from_torch
 from keras_bn._model_tools import convert
 from keras_bn._model_tools import fold
 from keras_bn._model_tools import recalibrate
@@ -14,6 +15,7 @@ __all__ = [
     "callbacks",
     "convert",
     "fold",
+    "from_torch",
     "recalibrate",
     "revert",
 ]
