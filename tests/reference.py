@@ -244,6 +244,25 @@ def moving_average(moving, value, momentum):
     return np.asarray(moving) * momentum + np.asarray(value) * (1 - momentum)
 
 
+def moving_update(moving, value, momentum, kind="ema", weight=0.0):
+    """One update of a moving statistic by its recursion; returns it and
+    the total weight of the batches in it. `kind` is the layer's
+    `moving_average` (see `averaged`)."""
+    moving = np.asarray(moving, np.float64)
+    value = np.asarray(value, np.float64)
+    if kind == "ema":
+        return moving_average(moving, value, momentum), weight
+    if kind == "debiased":
+        old, new = momentum * weight, 1.0 - momentum
+    else:
+        old, new = weight, 1.0
+    total = old + new
+    safe = np.where(total > 0, total, 1.0)
+    return np.where(total > 0, (old * moving + new * value) / safe, moving), (
+        total
+    )
+
+
 def averaged(batches, momentum, moving_average, initial):
     """The moving statistic after updates with the statistics `batches`,
     one after another, from `initial`, by its definition rather than by

@@ -56,6 +56,8 @@ MAX_CONDITION = 1e4
 # float16 values below its smallest normal number are spaced 2**-24 apart.
 FLOOR = {"float16": 2.0**-24}
 
+MOVING_AVERAGES = ("ema", "debiased", "cumulative")
+TRAINING_STATISTICS = ("batch", "batch", "batch", "moving")
 POLICIES = {
     # policy: (input and output dtype, dtype the statistics are computed in)
     "float32": ("float32", "float32"),
@@ -109,6 +111,10 @@ def configurations(draw):
         "scale": draw(st.booleans()),
         "momentum": draw(st.floats(0.0, 1.0)),
         "epsilon": 10.0 ** draw(st.floats(-6.0, -1.0)),
+        "moving_average": draw(st.sampled_from(MOVING_AVERAGES)),
+        "bessel_correction": draw(st.booleans()),
+        # Mostly the batch's: the moving ones leave the rest undrawn.
+        "training_statistics": draw(st.sampled_from(TRAINING_STATISTICS)),
     }
     if draw(st.booleans()):
         clipping = draw(
@@ -257,6 +263,7 @@ class _Moving:
         self.layer = layer
         self.mean = to_numpy(layer.moving_mean).astype(np.float64)
         self.variance = to_numpy(layer.moving_variance).astype(np.float64)
+        self.weight = np.zeros_like(self.mean)
         if layer.renorm:
             self.stddev = to_numpy(layer.moving_stddev).astype(np.float64)
             self.renorm_mean = to_numpy(layer.renorm_mean).astype(np.float64)
@@ -275,27 +282,40 @@ class _Moving:
 
     def update(self, expected):
         """One training step with the reference's statistics; channels
-        without data keep theirs."""
+        without data keep theirs, and frozen statistics stay."""
         layer = self.layer
+        if layer.training_statistics == "moving":
+            return
         keep = expected["count"] == 0
+        key = "unbiased_variance" if layer.bessel_correction else "variance"
+        _, total = reference.moving_update(
+            0.0, 0.0, layer.momentum, layer.moving_average, self.weight
+        )
 
-        def average(old, new, momentum):
-            return np.where(
-                keep, old, reference.moving_average(old, new, momentum)
-            )
+        def average(old, new, momentum=None):
+            if momentum is None:
+                value, _ = reference.moving_update(
+                    old, new, layer.momentum, layer.moving_average, self.weight
+                )
+            else:
+                value = reference.moving_average(old, new, momentum)
+            return np.where(keep, old, value)
 
         if not layer.renorm:
-            self.mean = average(self.mean, expected["mean"], layer.momentum)
-            self.variance = average(
-                self.variance, expected["variance"], layer.momentum
-            )
-            return
-        stddev = np.sqrt(expected["variance"] + layer.epsilon)
+            self.mean = average(self.mean, expected["mean"])
+            self.variance = average(self.variance, expected[key])
+        else:
+            self._update_renorm(expected[key], expected["mean"], keep, average)
+        self.weight = np.where(keep, self.weight, total)
+
+    def _update_renorm(self, variance, mean, keep, average):
+        layer = self.layer
+        stddev = np.sqrt(variance + layer.epsilon)
         momentum = layer.renorm_momentum
-        self.renorm_mean = average(self.renorm_mean, expected["mean"], momentum)
+        self.renorm_mean = average(self.renorm_mean, mean, momentum)
         self.renorm_stddev = average(self.renorm_stddev, stddev, momentum)
-        self.mean = average(self.mean, expected["mean"], layer.momentum)
-        self.stddev = average(self.stddev, stddev, layer.momentum)
+        self.mean = average(self.mean, mean)
+        self.stddev = average(self.stddev, stddev)
         self.variance = np.where(
             keep,
             self.variance,
@@ -316,6 +336,31 @@ def _reference_step(config, layer, x, mask, gamma, beta, moving):
     )
 
 
+def _inference(config, layer, x64, moving, gamma, beta):
+    """The reference's inference outputs, and the scale of their terms."""
+    expected = reference.inference(
+        x64,
+        moving.mean,
+        moving.variance,
+        axis=config["kwargs"]["axis"],
+        gamma=gamma,
+        beta=beta,
+        epsilon=layer.epsilon,
+    )
+    # The same formula over absolute values gives the terms' scale; the
+    # moving mean carries the rounding of the mean |x| it averaged.
+    terms = reference.inference(
+        np.abs(x64),
+        -(np.abs(moving.mean) + abs(config["offset"]) + config["scale"]),
+        moving.variance,
+        axis=config["kwargs"]["axis"],
+        gamma=None if gamma is None else np.abs(gamma),
+        beta=None if beta is None else np.abs(beta),
+        epsilon=layer.epsilon,
+    )
+    return expected, terms
+
+
 def _train_and_check(config, steps=3):
     """Trains `steps` steps, checking outputs and moving statistics against
     the reference at each, then inference; returns the layer."""
@@ -333,6 +378,11 @@ def _train_and_check(config, steps=3):
         expected = _reference_step(
             config, layer, x64, mask, gamma, beta, moving
         )
+        if layer.training_statistics == "moving":
+            # Training normalizes as inference does.
+            expected["outputs"], expected["output_terms"] = _inference(
+                config, layer, x64, moving, gamma, beta
+            )
         outputs = layer(x, training=True, mask=mask)
         assert (
             keras.backend.standardize_dtype(outputs.dtype)
@@ -362,26 +412,7 @@ def _train_and_check(config, steps=3):
             f"moving_variance, step {step}",
         )
     x, x64 = _inputs(config, rng)
-    expected = reference.inference(
-        x64,
-        moving.mean,
-        moving.variance,
-        axis=config["kwargs"]["axis"],
-        gamma=gamma,
-        beta=beta,
-        epsilon=layer.epsilon,
-    )
-    # The same formula over absolute values gives the terms' scale; the
-    # moving mean carries the rounding of the mean |x| it averaged.
-    terms = reference.inference(
-        np.abs(x64),
-        -(np.abs(moving.mean) + abs(config["offset"]) + scale),
-        moving.variance,
-        axis=config["kwargs"]["axis"],
-        gamma=None if gamma is None else np.abs(gamma),
-        beta=None if beta is None else np.abs(beta),
-        epsilon=layer.epsilon,
-    )
+    expected, terms = _inference(config, layer, x64, moving, gamma, beta)
     _assert_close(
         _float64(layer(x)),
         expected,
@@ -454,6 +485,8 @@ def test_training_and_inference_match_reference(config):
 )
 @given(configurations())
 def test_gradients_match_reference(config):
+    # Frozen statistics have the gradients of inference, tested elsewhere.
+    assume(config["kwargs"].get("training_statistics", "batch") == "batch")
     rng = np.random.default_rng(config["seed"])
     policy = config["policy"]
     with _dtype_available(policy):
