@@ -1,8 +1,9 @@
 """
-Title: Keras batch norm, keras-bn batch norm and ghost batch norm, side by side
-Description: The same small network trained three ways on real data.
+Title: Keras batch norm, keras-bn batch norm, ghost batch norm and debiased
+moving statistics, side by side
+Description: The same small network trained four ways on real data.
 
-Trains one small convolutional network three times, from the same initial
+Trains one small convolutional network four times, from the same initial
 weights on the same batches, with a different batch-normalization layer
 each time:
 
@@ -10,7 +11,12 @@ each time:
 - `keras_bn.BatchNormalization`, its drop-in replacement;
 - `keras_bn.BatchNormalization(virtual_batch_size=16)`: ghost batch norm,
   each group of 16 consecutive samples of a batch normalized with its own
-  statistics during training.
+  statistics during training;
+- `keras_bn.BatchNormalization(moving_average="debiased")`: training as
+  the drop-in's, but moving statistics that are the average of the batches
+  seen so far from the first step on, where an exponential average still
+  holds mostly its initial values: the validation accuracy of the first
+  epochs is the one that shows it.
 
 It prints a table (test accuracy, test loss, time per epoch) and writes
 `metrics.json` and `curves.png` (training and validation curves) into
@@ -63,7 +69,7 @@ def build_model(data, batch_norm, widths=(32, 64)):
 
 
 """
-## The three variants
+## The four variants
 
 Each is a function that makes one batch-norm layer. Every variant starts
 from the same seed, hence the same initial weights, and sees the same
@@ -82,6 +88,11 @@ def variants(virtual_batch_size, momentum):
         f"keras_bn, virtual_batch_size={virtual_batch_size}": lambda: (
             keras_bn.BatchNormalization(
                 momentum=momentum, virtual_batch_size=virtual_batch_size
+            )
+        ),
+        'keras_bn, moving_average="debiased"': lambda: (
+            keras_bn.BatchNormalization(
+                momentum=momentum, moving_average="debiased"
             )
         ),
     }

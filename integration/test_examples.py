@@ -23,7 +23,7 @@ TINY = ["--epochs", "1", "--limit", "48", "--batch-size", "16"]
 # Example: (extra arguments, the pictures it writes, the number of models
 # it reports).
 SCRIPTS = {
-    "compare": ([], ["curves.png"], 3),
+    "compare": ([], ["curves.png"], 4),
     "large_batch_ghost_bn": (
         ["--repeats", "1", "--large-batch-size", "32", "--width", "4"],
         ["curves.png"],
