@@ -10,6 +10,7 @@ import keras_bn
 from tests import reference
 from tests.backend import to_numpy
 
+BACKEND = keras.backend.backend()
 BATCH = 8
 MOMENTA = [0.5, 0.9, 0.0, 0.3, 0.7, 0.2]
 COMPILE = [False, True]
@@ -67,11 +68,10 @@ def test_step_schedule_is_followed_exactly(jit_compile, moving_average):
     assert layer.momentum == MOMENTA[-1]
 
 
-@pytest.mark.parametrize("jit_compile", COMPILE, ids=COMPILE_IDS)
-def test_epoch_schedule_and_its_log(jit_compile):
+def test_epoch_schedule_and_its_log():
     x, y = _data(2)
     layer = keras_bn.BatchNormalization()
-    model = _model(layer, jit_compile)
+    model = _model(layer, jit_compile=False)
     history = model.fit(
         x,
         y,
@@ -169,7 +169,8 @@ def test_setting_momentum_takes_effect_in_compiled_fit(jit_compile):
 def test_renorm_momentum_schedule():
     x, y = _data(3)
     layer = keras_bn.BatchNormalization(renorm=True, momentum=0.9)
-    model = _model(layer, jit_compile=True)
+    # Compiled where compiling is quick (torch.compile takes 20 s here).
+    model = _model(layer, jit_compile=BACKEND != "torch")
     model.fit(
         x,
         y,
