@@ -186,6 +186,11 @@ def test_torch_distributed_matches_one_process(torch_ranks, index):
     segments, virtual = _segments(kwargs, rows)
     starts = np.cumsum((0,) + tuple(rows))
     moving = {"moving_mean": 0.0, "moving_variance": 1.0}
+    average = kwargs.get("moving_average", "ema")
+    variance = (
+        "unbiased_variance" if kwargs.get("bessel_correction") else ("variance")
+    )
+    weight = 0.0
     for step in range(torch_processes.STEPS):
         x, upstream = torch_processes.global_batch(index, step, rows)
         outputs = np.empty(x.shape)
@@ -204,14 +209,19 @@ def test_torch_distributed_matches_one_process(torch_ranks, index):
             )["x"]
             counts.append(expected["count"])
             means.append(expected["mean"])
-            variances.append(expected["variance"])
+            variances.append(expected[variance])
         total = np.sum(counts, axis=0)
         for key, values in (
             ("moving_mean", means),
             ("moving_variance", variances),
         ):
             batch = np.sum(np.multiply(counts, values), axis=0) / total
-            moving[key] = reference.moving_average(moving[key], batch, 0.5)
+            moving[key], new_weight = reference.moving_update(
+                moving[key], batch, 0.5, average, weight
+            )
+        weight = new_weight
+        if average != "ema":
+            moving["moving_weight"] = weight
         for rank, saved in enumerate(torch_ranks):
             mine = slice(starts[rank], starts[rank + 1])
             prefix = f"{name}/{step}"

@@ -31,6 +31,16 @@ CASES = [
     ("synchronized_empty", {"synchronized": True}, (4, 0, 2, 2)),
     ("local_empty", {"synchronized": False}, (4, 0, 2, 2)),
     ("ghost_uneven", {"virtual_batch_size": 2}, (3, 1, 2, 2)),
+    (
+        "local_debiased_bessel",
+        {"moving_average": "debiased", "bessel_correction": True},
+        (3, 1, 2, 0),
+    ),
+    (
+        "synchronized_cumulative",
+        {"synchronized": True, "moving_average": "cumulative"},
+        (2, 2, 2, 2),
+    ),
 ]
 STEPS = 2
 
