@@ -34,17 +34,18 @@ KERAS_BACKEND=jax python benchmarks/multiprocess.py
 """
 
 import argparse
-import datetime
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import multi_process  # noqa: E402
 
 BACKEND = os.environ.get("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -68,22 +69,18 @@ def parse_arguments():
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--process", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ports", help=argparse.SUPPRESS)
+    parser.add_argument("--port", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def launch(args):
-    ports = ",".join(str(free_port()) for _ in range(args.processes))
+    ports = ",".join(
+        str(multi_process.free_port()) for _ in range(args.processes)
+    )
     processes = [
         subprocess.Popen(
             [sys.executable, *sys.argv]
-            + ["--process", str(index), "--ports", ports]
+            + ["--process", str(index), "--port", ports]
         )
         for index in range(args.processes)
     ]
@@ -97,39 +94,6 @@ def launch(args):
                 process.kill()
     if any(process.returncode for process in processes):
         raise SystemExit("a benchmark process failed")
-
-
-def join(args):
-    ports = args.ports.split(",")
-    if BACKEND == "torch":
-        import torch
-        import torch.distributed
-
-        torch.set_num_threads(1)
-        torch.distributed.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{ports[0]}",
-            rank=args.process,
-            world_size=args.processes,
-            timeout=datetime.timedelta(seconds=args.timeout),
-        )
-    elif BACKEND == "tensorflow":
-        os.environ["TF_CONFIG"] = json.dumps(
-            {
-                "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
-                "task": {"type": "worker", "index": args.process},
-            }
-        )
-    else:
-        import jax
-
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            f"127.0.0.1:{ports[0]}",
-            num_processes=args.processes,
-            process_id=args.process,
-            initialization_timeout=int(args.timeout),
-        )
 
 
 def build_model(variant, channels):
@@ -298,7 +262,13 @@ def main():
     if args.process is None:
         launch(args)
         return
-    join(args)
+    # Joins the job as the example does.
+    multi_process.join(args)
+    if BACKEND == "torch":
+        import torch
+
+        # Two processes share the cores.
+        torch.set_num_threads(1)
     import keras
 
     strategy = None

@@ -344,9 +344,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     @momentum.setter
     def momentum(self, value):
-        self._momentum = _unit_interval("momentum", value)
-        if "momentum" in self._momenta:
-            self._momenta["momentum"].assign(self._momentum)
+        self._momentum = self._set_momentum("momentum", value)
 
     @property
     def renorm_momentum(self):
@@ -356,9 +354,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     @renorm_momentum.setter
     def renorm_momentum(self, value):
-        self._renorm_momentum = _unit_interval("renorm_momentum", value)
-        if "renorm_momentum" in self._momenta:
-            self._momenta["renorm_momentum"].assign(self._renorm_momentum)
+        self._renorm_momentum = self._set_momentum("renorm_momentum", value)
+
+    def _set_momentum(self, name, value):
+        """Validates a momentum, and gives it to the training step of a
+        built layer."""
+        value = _unit_interval(name, value)
+        if name in self._momenta:
+            self._momenta[name].assign(value)
+        return value
 
     @property
     def weights(self):
