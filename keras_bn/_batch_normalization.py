@@ -55,21 +55,29 @@ class BatchNormalization(keras.layers.BatchNormalization):
     - **The same meaning on every backend when training on several
       devices** (`synchronized`), with moving statistics that average every
       device's statistics.
+    - **Moving statistics to trust**: debiased or cumulative averages
+      (`moving_average`), a momentum that can change during compiled
+      training, frozen statistics with trainable `gamma` and `beta`
+      (`training_statistics="moving"`), and PyTorch's Bessel-corrected
+      update (`bessel_correction`, see `keras_bn.from_torch`).
 
     During training (`training=True` and `trainable=True`) the layer returns
     `gamma * (x - mean) / sqrt(variance + epsilon) + beta` with the mean and
     variance of the batch (or ghost batch), and updates
     `moving_mean = moving_mean * momentum + mean * (1 - momentum)` and
-    likewise `moving_variance`. In inference (`training=False` or `None`, or
-    a frozen layer with `trainable=False`) it uses the moving statistics and
-    changes nothing.
+    likewise `moving_variance` (with the default `moving_average`). In
+    inference (`training=False` or `None`, or a frozen layer with
+    `trainable=False`) it uses the moving statistics and changes nothing.
 
     Args:
         axis: Integer or list/tuple of integers, the feature axes that are
             not normalized over (each gets its own statistics). Negative
             values count from the end. Defaults to `-1`.
         momentum: Float in `[0, 1]`, the momentum of the moving averages.
-            Defaults to `0.99`.
+            It can be set on a built layer during training: the new value
+            takes effect at the next training step, in a compiled step too,
+            without compiling it again (see
+            `keras_bn.callbacks.MomentumSchedule`). Defaults to `0.99`.
         epsilon: Positive float added to the variance. Defaults to `1e-3`.
         center: If `True`, add the learned offset `beta`. Defaults to `True`.
         scale: If `True`, multiply by the learned scale `gamma`. Defaults to
@@ -120,13 +128,32 @@ class BatchNormalization(keras.layers.BatchNormalization):
             moving statistics, or `"batch"` to normalize each inference batch
             with its own statistics (the moving statistics are then left
             alone). Defaults to `"moving"`.
+        training_statistics: `"batch"` to train with the statistics of the
+            batch (or ghost batch), or `"moving"` to train with the moving
+            statistics and never update them, while `gamma`, `beta` and the
+            rest of the model train (frozen statistics, for fine-tuning).
+            Defaults to `"batch"`.
+        moving_average: How the moving statistics average the batches'
+            statistics. `"ema"`: the exponential moving average above.
+            `"debiased"`: the same weights, `(1 - momentum) *
+            momentum^(t - i)` for batch `i` of `t`, normalized to sum to 1,
+            so that the estimate is exact from the first step, whatever
+            the initializers. `"cumulative"`: every batch weighted alike
+            (PyTorch's `momentum=None`; `momentum` is unused). Both add the
+            weight `moving_weight`, the total weight of the batches
+            averaged, after Keras's weights. Defaults to `"ema"`.
+        bessel_correction: If `True`, the moving variance is updated with
+            each group's Bessel-corrected variance, `n / (n - 1)` times its
+            variance, as PyTorch updates its running variance;
+            normalization keeps the biased variance. Defaults to `False`.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
         inputs: Input tensor of rank 2 or more.
         training: Python boolean. `True` normalizes with the statistics of
-            the batch and updates the moving statistics; `False` or `None`
-            runs in inference mode.
+            the batch and updates the moving statistics (or, with
+            `training_statistics="moving"`, normalizes as inference does);
+            `False` or `None` runs in inference mode.
         mask: Optional boolean tensor that broadcasts to the input, read
             as by Keras's layer when it has one axis less than the input
             (a last axis of size 1 is added: the masks of `Masking` and
