@@ -1,7 +1,8 @@
 """Runs the whole test suite and prints one summary.
 
 The unit tests run once per backend, each in its own process (Keras fixes its
-backend at import), then the integration tests; ruff checks the code first.
+backend at import), two suites at once on the machine's two cores, then the
+integration tests; ruff checks the code first.
 
     python tests/run_all.py                   # everything
     python tests/run_all.py --backends jax    # one backend, no integration
@@ -9,6 +10,7 @@ backend at import), then the integration tests; ruff checks the code first.
 """
 
 import argparse
+import concurrent.futures
 import os
 import pathlib
 import shutil
@@ -22,7 +24,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
-def _pytest(name, paths, env, pytest_args, reports):
+def _pytest(name, paths, env, pytest_args, reports, log=None):
+    """Runs pytest on `paths`; its output goes to the terminal, or into the
+    file `log`. Returns the suite's name, counts and seconds."""
     report = reports / f"{name}.xml"
     command = [
         sys.executable,
@@ -35,9 +39,17 @@ def _pytest(name, paths, env, pytest_args, reports):
         f"--junitxml={report}",
         *pytest_args,
     ]
-    print(f"\n=== {name}: {' '.join(command[3:])}", flush=True)
+    header = f"\n=== {name}: {' '.join(command[3:])}"
     start = time.monotonic()
-    code = subprocess.call(command, cwd=ROOT, env=env)
+    if log is None:
+        print(header, flush=True)
+        code = subprocess.call(command, cwd=ROOT, env=env)
+    else:
+        with open(log, "w") as file:
+            print(header, file=file, flush=True)
+            code = subprocess.call(
+                command, cwd=ROOT, env=env, stdout=file, stderr=file
+            )
     seconds = time.monotonic() - start
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     if report.exists():
@@ -52,6 +64,39 @@ def _pytest(name, paths, env, pytest_args, reports):
         # pytest failed outside any test (collection, or no test ran).
         counts["failed"] = 1
     return name, counts, seconds
+
+
+def _unit_tests(backends, env, args, reports):
+    """The unit tests of each backend, in `args.jobs` lanes at once: JAX's,
+    the longest, in a lane of its own, the others one after another in the
+    second. Each suite's output is printed whole once it has finished."""
+    lanes = [[b for b in backends if b == "jax"], []]
+    lanes[1] = [b for b in backends if b != "jax"]
+    lanes = [lane for lane in lanes if lane]
+    if args.jobs < 2 or len(lanes) < 2:
+        lanes = [list(backends)]
+
+    def run(lane):
+        done = []
+        for backend in lane:
+            log = reports / f"{backend}.log" if len(lanes) > 1 else None
+            result = _pytest(
+                backend,
+                ["tests"],
+                {**env, "KERAS_BACKEND": backend},
+                args.pytest_args,
+                reports,
+                log,
+            )
+            if log is not None:
+                print(log.read_text(), flush=True)
+            done.append(result)
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+        finished = list(pool.map(run, lanes))
+    by_name = {result[0]: result for lane in finished for result in lane}
+    return [by_name[backend] for backend in backends]
 
 
 def _lint():
@@ -80,6 +125,13 @@ def main():
         action="store_true",
         help="skip the integration tests",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="unit-test suites run at once, one per core (default: 2; 1 "
+        "runs them one after another)",
+    )
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest")
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",") if b]
@@ -92,16 +144,7 @@ def main():
     results = [_lint()]
     with tempfile.TemporaryDirectory() as reports:
         reports = pathlib.Path(reports)
-        for backend in backends:
-            results.append(
-                _pytest(
-                    backend,
-                    ["tests"],
-                    {**env, "KERAS_BACKEND": backend},
-                    args.pytest_args,
-                    reports,
-                )
-            )
+        results += _unit_tests(backends, env, args, reports)
         if integration:
             results.append(
                 _pytest(
