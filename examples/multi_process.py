@@ -74,7 +74,12 @@ def parse_arguments():
         description=__doc__.split("\n\n")[1].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        # Under torchrun, the number of processes it started.
+        default=int(os.environ.get("WORLD_SIZE", 2)),
+    )
     parser.add_argument(
         "--synchronized",
         default="true",
