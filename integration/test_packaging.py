@@ -1,9 +1,12 @@
-"""The built wheel, installed into a fresh virtual environment with Keras and
-one backend only, imports and trains: the package declares every dependency
-it needs, and needs no other backend.
+"""The distributions `python -m build` makes, the sdist and the wheel: both
+hold the license and pass `twine check`, and each, installed into a fresh
+virtual environment with Keras and one backend only, imports and trains: the
+package declares every dependency it needs, and needs no other backend.
 
-Slow (a virtual environment and a backend install per backend, from the pip
-cache after the first run); deselect with `-m "not slow"`.
+The wheel is installed with each backend; the sdist, which pip builds into
+the same wheel, with JAX only, the lightest install. Slow (a virtual
+environment and a backend install each, from the pip cache after the first
+run); deselect with `-m "not slow"`.
 """
 
 import os
@@ -11,12 +14,16 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKENDS = ("tensorflow", "jax", "torch")
-# What each environment installs besides the wheel: CPU builds, as in the
+# The distribution and the backend of each fresh environment.
+INSTALLS = [("wheel", backend) for backend in BACKENDS] + [("sdist", "jax")]
+# What each environment installs besides the package: CPU builds, as in the
 # README; `[jax]` and `[torch]` also exercise the package's extras.
 REQUIREMENTS = {
     "tensorflow": ("", ["tensorflow-cpu"]),
@@ -76,31 +83,63 @@ def _call(command, cwd, env=None):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    """Builds the wheel from a copy of the sources, which leaves no build
-    files in the working tree."""
+def distributions(tmp_path_factory):
+    """Builds the sdist, then the wheel from it, from a copy of the sources,
+    which leaves no build files in the working tree."""
     source = tmp_path_factory.mktemp("source")
-    shutil.copy(ROOT / "pyproject.toml", source)
-    shutil.copy(ROOT / "README.md", source)
-    for license_file in ROOT.glob("LICENSE*"):
-        shutil.copy(license_file, source)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source)
     shutil.copytree(
         ROOT / "keras_bn",
         source / "keras_bn",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
     dist = tmp_path_factory.mktemp("dist")
-    _call(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, source],
-        cwd=source,
+    _call([sys.executable, "-m", "build", "--outdir", dist, source], cwd=source)
+    (sdist,) = dist.glob("keras_bn-*.tar.gz")
+    (wheel,) = dist.glob("keras_bn-*.whl")
+    return {"sdist": sdist, "wheel": wheel}
+
+
+def test_license_in_distributions(distributions):
+    license_text = (ROOT / "LICENSE").read_bytes()
+    with tarfile.open(distributions["sdist"]) as sdist:
+        (top,) = {name.split("/")[0] for name in sdist.getnames()}
+        assert sdist.extractfile(f"{top}/LICENSE").read() == license_text
+    with zipfile.ZipFile(distributions["wheel"]) as wheel:
+        (info,) = {
+            name.split("/")[0]
+            for name in wheel.namelist()
+            if name.split("/")[0].endswith(".dist-info")
+        }
+        assert wheel.read(f"{info}/licenses/LICENSE") == license_text
+        metadata = wheel.read(f"{info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0\n" in metadata
+    assert "License-File: LICENSE\n" in metadata
+
+
+def test_twine_check(distributions):
+    output = _call(
+        [
+            sys.executable,
+            "-m",
+            "twine",
+            "check",
+            "--strict",
+            *distributions.values(),
+        ],
+        cwd=ROOT,
     )
-    (built,) = dist.glob("keras_bn-*.whl")
-    return built
+    assert output.count("PASSED") == 2, output
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_wheel_in_fresh_environment(tmp_path, wheel, backend):
+@pytest.mark.parametrize(
+    ("distribution", "backend"),
+    INSTALLS,
+    ids=[f"{distribution}-{backend}" for distribution, backend in INSTALLS],
+)
+def test_fresh_environment(tmp_path, distributions, distribution, backend):
     environment = tmp_path / "venv"
     _call([sys.executable, "-m", "venv", environment], cwd=tmp_path)
     python = str(environment / "bin" / "python")
@@ -112,7 +151,7 @@ def test_wheel_in_fresh_environment(tmp_path, wheel, backend):
             "pip",
             "install",
             "--quiet",
-            f"keras-bn{extra} @ {wheel.as_uri()}",
+            f"keras-bn{extra} @ {distributions[distribution].as_uri()}",
             *others,
         ],
         cwd=tmp_path,
@@ -124,7 +163,7 @@ def test_wheel_in_fresh_environment(tmp_path, wheel, backend):
         if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
     }
     # -I: neither the working directory nor PYTHON* variables on the path,
-    # so `import keras_bn` can only find the installed wheel.
+    # so `import keras_bn` can only find the installed package.
     output = _call(
         [python, "-I", "smoke.py", backend],
         cwd=tmp_path,
