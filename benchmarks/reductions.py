@@ -8,7 +8,7 @@ A batch-norm training step is a handful of reductions over the whole tensor
 product fused in. XLA on CPU reduces the same numbers at very different
 speeds depending on the layout it is handed, differently in TensorFlow and
 in JAX; these timings are why `keras_bn` lays its tensors out as it does
-(see "Performance" in the README).
+(see docs/performance.md).
 
 Each reduction sums over the axes named, either the input `x` or the
 product `x * u` (as the gradient's reductions do), compiled with

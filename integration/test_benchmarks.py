@@ -91,8 +91,8 @@ def test_reductions_benchmark_runs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multiprocess_benchmark_counts(tmp_path, backend):
     """Two processes: the all-reduces of a step, read from the profiler,
-    the graph or the compiled program, are those the README states for a
-    batch norm of C channels."""
+    the graph or the compiled program, are those docs/guides/distributed.md
+    states for a batch norm of C channels."""
     result = backend_process.run(
         backend,
         "benchmarks/multiprocess.py",

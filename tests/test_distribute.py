@@ -265,7 +265,8 @@ def test_torch_ddp_trains_as_one_process(torch_ranks, name):
 
 
 def test_keras_layer_keeps_each_process_its_own_statistics(torch_ranks):
-    """What the README says of Keras's own layer under torch.distributed;
+    """What the docs say of Keras's own layer under torch.distributed
+    (docs/guides/distributed.md);
     if this fails, a Keras release has changed it."""
     x, _ = torch_processes.global_batch(0, 0, torch_processes.CASES[0][2])
     for rank, saved in enumerate(torch_ranks):

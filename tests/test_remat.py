@@ -132,7 +132,8 @@ def test_remat_updates_once_and_trains_as_without(kind, renorm):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_keras_layer_updates_more_than_once_under_remat(kind):
-    """What the README says of Keras's own layer under remat on PyTorch;
+    """What the docs say of Keras's own layer under remat on PyTorch
+    (docs/guides/layer.md);
     if this fails, a Keras release has fixed it."""
     if keras.backend.backend() != "torch":
         pytest.skip("Keras's remat recomputes eagerly on PyTorch only")
