@@ -14,7 +14,9 @@ devices; JAX runs `keras.distribution.DataParallel` over 4 (and 2) forced host
 devices. Every run starts from the same weights and sees the same batches,
 in order, so runs that mean the same must end with the same weights. The
 saved arrays are named `RUN/weights/I` (the model's weights after training,
-moving statistics included) and `RUN/predictions` (inference on the data).
+moving statistics included), `RUN/predictions` (inference on the data) and
+`RUN/recalibrated/I` (the moving statistics after `keras_bn.recalibrate` on
+the data, on the same devices).
 """
 
 import functools
@@ -120,9 +122,13 @@ def train(scope, **layer_arguments):
         model = build_model(**layer_arguments)
         model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
         predictions = model.predict(x, batch_size=BATCH, verbose=0)
-    results = {"predictions": predictions}
-    for index, weight in enumerate(model.get_weights()):
-        results[f"weights/{index}"] = weight
+        results = {"predictions": predictions}
+        for index, weight in enumerate(model.get_weights()):
+            results[f"weights/{index}"] = weight
+        keras_bn.recalibrate(model, x, batch_size=BATCH, verbose=0)
+    moving = [w for w in model.weights if "moving" in w.path]
+    for index, weight in enumerate(moving):
+        results[f"recalibrated/{index}"] = keras.ops.convert_to_numpy(weight)
     return results
 
 

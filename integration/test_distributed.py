@@ -3,8 +3,9 @@
 `distributed_worker.py` trains one small model with `fit`: with
 `tf.distribute.MirroredStrategy` on 2 logical CPU devices, with
 `keras.distribution.DataParallel` on 4 and on 2 forced host devices, and on
-one device as the reference. Weights (moving statistics included) and
-predictions must agree:
+one device as the reference, then recalibrates it on the same devices.
+Weights (moving statistics included), predictions and recalibrated moving
+statistics must agree:
 
 - `synchronized=True`: the single-device run of the plain layer.
 - `synchronized=False`: the single-device run with `virtual_batch_size` =

@@ -5,8 +5,8 @@ from keras_bn._batch_normalization import BatchNormalization
 from keras_bn._from_torch import from_torch
 from keras_bn._model_tools import convert
 from keras_bn._model_tools import fold
-from keras_bn._model_tools import recalibrate
 from keras_bn._model_tools import revert
+from keras_bn._recalibrate import recalibrate
 
 __version__ = "0.1.0"
 

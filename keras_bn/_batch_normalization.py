@@ -249,6 +249,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         self.bessel_correction = bool(bessel_correction)
         self.supports_masking = True
+        # Set by `keras_bn.recalibrate` while it runs: where the training
+        # branch reports its batch statistics instead of updating the
+        # moving ones.
+        self._recording = None
 
         self.gamma = None
         self.beta = None
@@ -485,6 +489,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             ops.stop_gradient(value)
             for value in (stats.batch_mean, stats.batch_variance)
         ] + [stats.count]
+        if self._recording is not None:
+            self._recording.add(*batch_statistics)
+            update = False
         if self.renorm:
             # Read before the renorm statistics update.
             renorm = _remat.read_once(

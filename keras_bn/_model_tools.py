@@ -1,20 +1,17 @@
-"""Model-level tools: recalibrate, convert, revert and fold batch norm.
+"""Model-level tools: convert, revert and fold batch norm.
 
 Each works on Sequential and functional models, nested ones included, with
-both `keras.layers.BatchNormalization` and `keras_bn.BatchNormalization`.
-`convert`, `revert` and `fold` rebuild the model with
-`keras.models.clone_model`; `recalibrate` runs it.
+both `keras.layers.BatchNormalization` and `keras_bn.BatchNormalization`,
+and rebuilds the model with `keras.models.clone_model`. (`recalibrate`,
+which runs the model, has a module of its own.)
 """
 
 import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
-from keras_bn import _moments
 from keras_bn._batch_normalization import BatchNormalization
-from keras_bn._batch_normalization import standardize_mask
 
 _BATCH_NORMS = (keras.layers.BatchNormalization, BatchNormalization)
 _FOLDABLE = (
@@ -32,121 +29,6 @@ _KERAS_BN_ONLY_KEYS = (
     "moving_average",
     "bessel_correction",
 )
-
-
-def recalibrate(model, data, steps=None, batch_size=32):
-    """Recomputes the moving statistics of every batch-norm layer ("precise
-    BN").
-
-    Moving averages lag behind the weights: after a weight average (SWA,
-    EMA), a short fine-tuning, or training with a high momentum, they no
-    longer describe what the layers see, and inference suffers. This pass
-    replaces each batch-norm layer's `moving_mean` and `moving_variance`
-    with the average of the statistics that its training branch computes
-    over `data`: the batch (or ghost-batch) means and variances, each
-    weighted by the number of elements that produced it (Wu and Johnson,
-    2021). During the pass batch-norm layers normalize with their batch
-    statistics, as in training; every other layer runs in inference mode
-    (no dropout). No trainable weight changes. With renorm, `moving_stddev`
-    follows the new variance and the renorm statistics are left alone.
-    With `moving_average="cumulative"`, training goes on from an average of
-    as many batches as the pass saw; with `"debiased"`, from a complete
-    estimate, as after a long training.
-
-    The model is updated in place.
-
-    Args:
-        model: A `keras.Model` (any kind, subclassed included).
-        data: A NumPy array or a dict of them for named inputs (split
-            into batches of `batch_size`), a `tf.data.Dataset`, a PyTorch
-            `DataLoader`, or any iterable of batches `x`, `(x, y)` or
-            `(x, y, sample_weight)`.
-        steps: Optional number of batches to use. Defaults to all of them.
-        batch_size: Batch size for NumPy data. Defaults to `32`.
-
-    Raises:
-        ValueError: for an unbuilt model, a custom layer holding batch norm
-            inside it, or `data` that yields no batch.
-
-    Returns:
-        The model.
-
-    Example:
-
-    >>> model.fit(x_train, y_train)  # e.g. with weight averaging
-    >>> keras_bn.recalibrate(model, x_train[:5000])
-
-    Reference:
-        - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576)
-    """
-    _check_model(model, "recalibrate")
-    layers = list(_all_layers(model))
-    for layer in layers:
-        if not layer.built:
-            raise ValueError(
-                "keras_bn.recalibrate needs a built model: call it once, or "
-                f"build it. Received: layer {layer.name!r} is not built"
-            )
-        _check_no_hidden_batch_norm(layer, "recalibrate")
-    layers = [layer for layer in layers if _is_batch_norm(layer)]
-    if not layers:
-        warnings.warn(
-            "keras_bn.recalibrate: the model has no batch-norm layer; "
-            "nothing to do.",
-            stacklevel=2,
-        )
-        return model
-    totals = {id(layer): [0.0, 0.0, 0.0] for layer in layers}
-    saved = []
-    batches = 0
-    try:
-        for layer in layers:
-            saved.append((layer, layer.trainable, layer.get_weights()))
-            layer.trainable = True
-            layer.call = _recording_call(layer, totals[id(layer)])
-        for batch in _batches(data, batch_size):
-            if steps is not None and batches >= steps:
-                break
-            model(batch, training=False)
-            batches += 1
-    finally:
-        for layer, trainable, weights in saved:
-            if "call" in vars(layer):
-                del layer.call
-            layer.trainable = trainable
-            layer.set_weights(weights)
-    if batches == 0:
-        raise ValueError(
-            "keras_bn.recalibrate: `data` yielded no batch. Received: "
-            f"data={type(data).__name__}, steps={steps}"
-        )
-    for layer in layers:
-        mean_sum, variance_sum, count = totals[id(layer)]
-        keep = count == 0
-        safe = np.maximum(count, 1.0)
-        moving_mean = layer.moving_mean.numpy().reshape(-1)
-        moving_variance = layer.moving_variance.numpy().reshape(-1)
-        mean = np.where(keep, moving_mean, mean_sum / safe)
-        variance = np.where(keep, moving_variance, variance_sum / safe)
-        layer.moving_mean.assign(mean.reshape(layer.moving_mean.shape))
-        layer.moving_variance.assign(
-            variance.reshape(layer.moving_variance.shape)
-        )
-        if layer.renorm:
-            layer.moving_stddev.assign(
-                np.sqrt(variance + layer.epsilon).reshape(
-                    layer.moving_stddev.shape
-                )
-            )
-        if getattr(layer, "moving_average", "ema") != "ema":
-            # A cumulative average goes on from the batches seen here; a
-            # debiased one from a complete estimate.
-            full = batches if layer.moving_average == "cumulative" else 1.0
-            weight = layer.moving_weight.numpy().reshape(-1)
-            layer.moving_weight.assign(
-                np.where(keep, weight, full).reshape(layer.moving_weight.shape)
-            )
-    return model
 
 
 def convert(model, **layer_kwargs):
@@ -553,64 +435,3 @@ def _folded_weights(producer, bn):
         kernel.astype(dtype),
         (bias * multiplier + offset).astype(dtype),
     ]
-
-
-def _recording_call(layer, totals):
-    """A `call` for `layer` that normalizes as in training and adds the
-    count-weighted batch statistics to `totals` (sums of mean * count and
-    variance * count, and the count)."""
-    original = layer.call
-    if isinstance(layer, BatchNormalization):
-        axes = layer._reduction_axes
-        virtual_batch_size = layer.virtual_batch_size
-    else:
-        axes = None
-        virtual_batch_size = None
-
-    def call(inputs, training=None, mask=None):
-        x = ops.cast(inputs, "float32")
-        # Keras's layer reads a mask as keras_bn's does (keras_bn also
-        # takes masks of the input's rank, which Keras's refuses).
-        batch_mask = standardize_mask(mask, inputs)
-        reduction_axes = axes or [
-            a for a in range(x.ndim) if a != layer.axis % x.ndim
-        ]
-        stats = _moments.moments(
-            x, reduction_axes, batch_mask, virtual_batch_size
-        )
-        count = ops.convert_to_numpy(
-            ops.broadcast_to(stats.count, ops.shape(stats.batch_mean))
-        ).reshape(-1)
-        mean = ops.convert_to_numpy(stats.batch_mean).reshape(-1)
-        variance = ops.convert_to_numpy(stats.batch_variance).reshape(-1)
-        # A channel whose statistics are not finite in this batch (NaN or
-        # inf in it) leaves this batch out, as in training.
-        count = np.where(np.isfinite(mean) & np.isfinite(variance), count, 0)
-        totals[0] = totals[0] + np.where(count > 0, mean, 0.0) * count
-        totals[1] = totals[1] + np.where(count > 0, variance, 0.0) * count
-        totals[2] = totals[2] + count
-        return original(inputs, training=True, mask=mask)
-
-    return call
-
-
-def _batches(data, batch_size):
-    """Yields the model inputs `x` of each batch of `data`."""
-    if isinstance(data, dict) and all(
-        isinstance(value, np.ndarray) for value in data.values()
-    ):
-        size = len(next(iter(data.values()), ()))
-        for start in range(0, size, batch_size):
-            yield {
-                key: value[start : start + batch_size]
-                for key, value in data.items()
-            }
-        return
-    if isinstance(data, np.ndarray):
-        for start in range(0, len(data), batch_size):
-            yield data[start : start + batch_size]
-        return
-    for batch in data:
-        if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-            batch = batch[0]
-        yield keras.tree.map_structure(np.asarray, batch)

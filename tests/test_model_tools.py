@@ -311,6 +311,53 @@ def test_recalibrate_bad_input():
     _assert_unchanged(plain, weights)
 
 
+@BN_KINDS
+def test_recalibrate_runs_one_compiled_pass(bn_cls):
+    """The pass is traced once and serves the next `recalibrate` of the
+    model too, with the model's current weights: no Python call of a layer
+    per batch on the backends that compile `predict`, the same batches as
+    eager PyTorch."""
+    inputs = keras.Input((3,))
+    dense = keras.layers.Dense(3)
+    layer = bn_cls()
+    model = keras.Model(inputs, layer(dense(inputs)))
+    calls = []
+    traced = dense.call
+
+    def counting_call(*args, **kwargs):
+        calls.append(1)
+        return traced(*args, **kwargs)
+
+    dense.call = counting_call
+    x = _normal((30, 3), loc=1.0, scale=2.0)
+    keras_bn.recalibrate(model, x, batch_size=10, verbose=0)
+    first = len(calls)
+    kernel = 3.0 * to_numpy(dense.kernel)
+    dense.kernel.assign(kernel)
+    keras_bn.recalibrate(model, 2.0 * x, batch_size=10, verbose=0)
+    if keras.backend.backend() == "torch":
+        assert (first, len(calls)) == (3, 6)
+    else:
+        assert (first, len(calls)) == (1, 1)
+    hidden = 2.0 * x @ kernel + to_numpy(dense.bias)
+    mean, variance = _reference_statistics(hidden.astype("float32"), 10)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=1e-5
+    )
+    assert model.layers == [model.layers[0], dense, layer]
+    assert "call" not in vars(layer)
+    assert getattr(layer, "_recording", None) is None
+
+
+@pytest.mark.parametrize("verbose", [0, 1])
+def test_recalibrate_progress_bar(capsys, verbose):
+    model = keras.Sequential([keras.Input((3,)), keras_bn.BatchNormalization()])
+    keras_bn.recalibrate(model, _normal((12, 3)), batch_size=4, verbose=verbose)
+    printed = capsys.readouterr().out
+    assert ("3/3" in printed) == bool(verbose), printed
+
+
 # ---------------------------------------------------------------------------
 # convert and revert
 

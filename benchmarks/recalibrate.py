@@ -1,0 +1,167 @@
+"""
+Title: `keras_bn.recalibrate` beside `model.predict`
+Description: The precise-BN pass at forward speed, on the same data.
+
+Times `keras_bn.recalibrate(model, data)` and `model.predict(data)` on the
+same model and data, in turns, round after round, and prints the ratio of
+their medians. Each `recalibrate` call compiles its pass anew (it is a new
+function of the model each time), so it is set beside `predict` both as a
+user meets them once (each one's first call on a fresh model, compilation
+included) and in the rounds (a warm `predict` against a `recalibrate` that
+compiles again).
+
+The models:
+
+- **cnn**: 4 conv + batch norm + ReLU blocks on 32x32x3 images, whose
+  batch norms alternate plain and ghost batches of 32; 2048 images in
+  batches of 128.
+- **masked**: a sequence model, `Embedding(mask_zero=True)` and two batch
+  norms over time steps (one with ghost batches of 32), on 2048 sequences
+  of 64 tokens with padding, in batches of 128.
+
+It prints a Markdown table and writes `recalibrate_BACKEND.json` into
+`--output-dir`.
+
+```
+KERAS_BACKEND=jax python benchmarks/recalibrate.py
+KERAS_BACKEND=tensorflow python benchmarks/recalibrate.py
+KERAS_BACKEND=torch python benchmarks/recalibrate.py
+```
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import keras
+import numpy as np
+
+import keras_bn
+
+
+def cnn(samples, rng):
+    layers = [keras.Input((32, 32, 3))]
+    for block, filters in enumerate((32, 32, 64, 64)):
+        layers += [
+            keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
+            keras_bn.BatchNormalization(
+                virtual_batch_size=32 if block % 2 else None
+            ),
+            keras.layers.ReLU(),
+        ]
+    layers += [
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(10),
+    ]
+    x = rng.normal(2.0, 3.0, (samples, 32, 32, 3)).astype("float32")
+    return keras.Sequential(layers), x
+
+
+def masked(samples, rng):
+    tokens = keras.Input((64,), dtype="int32")
+    hidden = keras.layers.Embedding(1000, 64, mask_zero=True)(tokens)
+    hidden = keras_bn.BatchNormalization()(hidden)
+    hidden = keras.layers.Dense(64, activation="relu")(hidden)
+    hidden = keras_bn.BatchNormalization(virtual_batch_size=32)(hidden)
+    outputs = keras.layers.GlobalAveragePooling1D()(hidden)
+    x = rng.integers(1, 1000, (samples, 64)).astype("int32")
+    lengths = rng.integers(8, 65, samples)
+    x[np.arange(64)[None, :] >= lengths[:, None]] = 0
+    return keras.Model(tokens, outputs), x
+
+
+MODELS = {"cnn": cnn, "masked": masked}
+
+
+def _seconds(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def run(name, samples, batch_size, rounds, seed):
+    model, x = MODELS[name](samples, np.random.default_rng(seed))
+
+    def predict():
+        model.predict(x, batch_size=batch_size, verbose=0)
+
+    def recalibrate():
+        keras_bn.recalibrate(model, x, batch_size=batch_size, verbose=0)
+
+    first = {"predict": _seconds(predict), "recalibrate": _seconds(recalibrate)}
+    times = {"predict": [], "recalibrate": []}
+    for _ in range(rounds):
+        for variant, call in (
+            ("predict", predict),
+            ("recalibrate", recalibrate),
+        ):
+            times[variant].append(_seconds(call))
+    medians = {variant: float(np.median(t)) for variant, t in times.items()}
+    return {
+        "model": name,
+        "samples": samples,
+        "batch_size": batch_size,
+        "first_seconds": first,
+        "median_seconds": medians,
+        "first_ratio": first["recalibrate"] / first["predict"],
+        "median_ratio": medians["recalibrate"] / medians["predict"],
+    }
+
+
+def markdown(results):
+    lines = [
+        "| model | predict, first | recalibrate, first | ratio "
+        "| predict, warm | recalibrate | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        first, median = r["first_seconds"], r["median_seconds"]
+        lines.append(
+            f"| {r['model']} | {first['predict']:.3f} s "
+            f"| {first['recalibrate']:.3f} s | {r['first_ratio']:.2f}× "
+            f"| {median['predict']:.3f} s | {median['recalibrate']:.3f} s "
+            f"| {r['median_ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--output-dir", default="runs/recalibrate")
+    args = parser.parse_args()
+    results = [
+        run(name, args.samples, args.batch_size, args.rounds, args.seed)
+        for name in args.models
+    ]
+    environment = {
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    table = markdown(results)
+    print(
+        f"{environment['backend']}, keras {environment['keras']}, "
+        f"{environment['machine']}\n{table}"
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(
+        args.output_dir, f"recalibrate_{environment['backend']}.json"
+    )
+    with open(path, "w") as file:
+        json.dump(
+            {"environment": environment, "results": results}, file, indent=2
+        )
+
+
+if __name__ == "__main__":
+    main()
