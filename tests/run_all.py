@@ -1,4 +1,4 @@
-"""Runs the whole test suite and prints one summary.
+"""Runs the whole test suite and prints one summary, skips by reason.
 
 The unit tests run once per backend, each in its own process (Keras fixes its
 backend at import), two suites at once on the machine's two cores, then the
@@ -10,6 +10,7 @@ integration tests; ruff checks the code first.
 """
 
 import argparse
+import collections
 import concurrent.futures
 import os
 import pathlib
@@ -26,7 +27,8 @@ BACKENDS = ("tensorflow", "jax", "torch")
 
 def _pytest(name, paths, env, pytest_args, reports, log=None):
     """Runs pytest on `paths`; its output goes to the terminal, or into the
-    file `log`. Returns the suite's name, counts and seconds."""
+    file `log`. Returns the suite's name, counts, seconds and the number of
+    skipped tests per reason."""
     report = reports / f"{name}.xml"
     command = [
         sys.executable,
@@ -52,6 +54,7 @@ def _pytest(name, paths, env, pytest_args, reports, log=None):
             )
     seconds = time.monotonic() - start
     counts = {"passed": 0, "failed": 0, "skipped": 0}
+    reasons = collections.Counter()
     if report.exists():
         suite = ElementTree.parse(report).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -60,10 +63,15 @@ def _pytest(name, paths, env, pytest_args, reports, log=None):
         counts["skipped"] = int(suite.get("skipped"))
         counts["failed"] = failed
         counts["passed"] = total - failed - counts["skipped"]
+        # One line per reason, however pytest wrapped it.
+        reasons.update(
+            " ".join(skipped.get("message", "no reason given").split())
+            for skipped in suite.iter("skipped")
+        )
     if code != 0 and counts["failed"] == 0:
         # pytest failed outside any test (collection, or no test ran).
         counts["failed"] = 1
-    return name, counts, seconds
+    return name, counts, seconds, reasons
 
 
 def _unit_tests(backends, env, args, reports):
@@ -102,7 +110,8 @@ def _unit_tests(backends, env, args, reports):
 def _lint():
     if shutil.which("ruff") is None:
         print("ruff is not installed: skipping the lint step", flush=True)
-        return "lint", {"passed": 0, "failed": 0, "skipped": 1}, 0.0
+        counts = {"passed": 0, "failed": 0, "skipped": 1}
+        return "lint", counts, 0.0, {"ruff is not installed": 1}
     print("\n=== lint: ruff check . && ruff format --check .", flush=True)
     start = time.monotonic()
     ok = (
@@ -110,7 +119,7 @@ def _lint():
         and subprocess.call(["ruff", "format", "--check", "."], cwd=ROOT) == 0
     )
     counts = {"passed": int(ok), "failed": int(not ok), "skipped": 0}
-    return "lint", counts, time.monotonic() - start
+    return "lint", counts, time.monotonic() - start, {}
 
 
 def main():
@@ -161,7 +170,7 @@ def main():
         f"{'suite':<12}{'passed':>8}{'failed':>8}{'skipped':>9}{'seconds':>9}"
     )
     totals = {"passed": 0, "failed": 0, "skipped": 0}
-    for name, counts, seconds in results:
+    for name, counts, seconds, _ in results:
         print(
             f"{name:<12}{counts['passed']:>8}{counts['failed']:>8}"
             f"{counts['skipped']:>9}{seconds:>9.0f}"
@@ -172,7 +181,25 @@ def main():
         f"{totals['passed']} passed, {totals['failed']} failed, "
         f"{totals['skipped']} skipped"
     )
+    _print_skips(results)
     return 1 if totals["failed"] else 0
+
+
+def _print_skips(results):
+    """The skipped tests by reason, most frequent first, with the suites
+    they were skipped in."""
+    by_reason = collections.defaultdict(dict)
+    for name, _, _, reasons in results:
+        for reason, count in reasons.items():
+            by_reason[reason][name] = count
+    if not by_reason:
+        return
+    print("skipped, by reason:")
+    for reason, by_suite in sorted(
+        by_reason.items(), key=lambda item: (-sum(item[1].values()), item[0])
+    ):
+        where = ", ".join(f"{name} {n}" for name, n in by_suite.items())
+        print(f"{sum(by_suite.values()):>5}  {reason} ({where})")
 
 
 if __name__ == "__main__":
