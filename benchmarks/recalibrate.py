@@ -26,6 +26,7 @@ It prints a Markdown table and writes `recalibrate_BACKEND.json` into
 KERAS_BACKEND=jax python benchmarks/recalibrate.py
 KERAS_BACKEND=tensorflow python benchmarks/recalibrate.py
 KERAS_BACKEND=torch python benchmarks/recalibrate.py
+KERAS_BACKEND=jax python benchmarks/recalibrate.py --tiny  # a smoke test
 ```
 """
 
@@ -137,8 +138,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="256 samples and 1 round: checks that the script runs",
+    )
     parser.add_argument("--output-dir", default="runs/recalibrate")
     args = parser.parse_args()
+    if args.tiny:
+        args.samples, args.rounds = 256, 1
     results = [
         run(name, args.samples, args.batch_size, args.rounds, args.seed)
         for name in args.models

@@ -3,9 +3,18 @@ Title: Speed and memory of one batch-norm layer
 Description: A compiled training step and an inference call, side by side
 with Keras's layer and with the memory-bound floor.
 
-Times, in one process, a training step (forward, backward with respect to
-the input, `gamma` and `beta`, and the moving-statistics update) and an
-inference call of a single batch-norm layer, for:
+Times, in one process, a training step (forward, backward, and the
+moving-statistics update) and an inference call of a single batch-norm
+layer. The training step takes each of the forms it takes in a network:
+
+- `upstream`: the loss `sum(y * upstream)`, an upstream gradient given as a
+  tensor; gradients of the input, `gamma` and `beta`;
+- `mean_square`: the loss `mean(y ** 2)`, the upstream gradient computed
+  from the output, as when the loss follows the layer directly;
+- `affine_only`: `sum(y * upstream)` with the gradients of `gamma` and
+  `beta` only, as for a batch norm on a model's inputs.
+
+The variants:
 
 - `keras.layers.BatchNormalization`;
 - `keras_bn.BatchNormalization` plain, with `virtual_batch_size=32`, with
@@ -16,20 +25,21 @@ inference call of a single batch-norm layer, for:
   layer reading and writing a tensor of that shape can cost.
 
 The cases are image activations `(256, 16, 16, 64)` and dense activations
-`(4096, 512)` in float32, and the image shape under the `mixed_float16`
-policy. Each step is compiled as the backend compiles a `fit` step:
-`tf.function(jit_compile=True)` on TensorFlow, `jax.jit` on JAX; PyTorch
-runs eagerly and under `torch.compile`. The variants are timed in turns,
-round after round, so that a change in the machine's load hits them all
-alike; the figures are medians over the rounds, after warm-up.
+`(4096, 512)` in float32, each in the three forms, and the image shape
+under the `mixed_float16` policy, in the `upstream` form. Each step is
+compiled as the backend compiles a `fit` step: `tf.function(
+jit_compile=True)` on TensorFlow, `jax.jit` on JAX; PyTorch runs eagerly
+and under `torch.compile`. The variants are timed in turns, round after
+round, so that a change in the machine's load hits them all alike; the
+figures are medians over the rounds, after warm-up.
 
 Peak memory is what a step allocates beyond its inputs, at its highest:
 from XLA's buffer assignment on JAX, from the allocator's statistics on
 TensorFlow and on PyTorch with CUDA, from the profiler's allocation events
 on PyTorch on CPU. Bandwidth is the training step's essential traffic
 (reading the input and the upstream gradient, writing the input's
-gradient) per second, as a fraction of what a plain copy of the input
-achieves on the same device.
+gradient, as the form has them) per second, as a fraction of what a
+plain copy of the input achieves on the same device.
 
 The whole measurement runs in `--processes` fresh processes (3 by
 default), and every figure is the median over them: a ratio can move by a
@@ -64,7 +74,9 @@ from keras import ops
 
 import keras_bn
 
-Case = collections.namedtuple("Case", ["name", "shape", "policy", "variants"])
+Case = collections.namedtuple(
+    "Case", ["name", "shape", "policy", "variants", "forms"]
+)
 Variant = collections.namedtuple(
     "Variant", ["make", "batch_change", "masked"], defaults=(0, False)
 )
@@ -76,6 +88,11 @@ MASKED_FRACTION = 0.1
 
 class Floor(keras.layers.Layer):
     """`x * a + b` with per-channel `a` and `b`: the memory-bound floor."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # In a network, a mask passes through it, as through batch norm.
+        self.supports_masking = True
 
     def build(self, input_shape):
         shape = (input_shape[-1],)
@@ -117,9 +134,11 @@ def cases(tiny):
         if name in ("keras", "keras_bn", "ghost_32", "floor")
     }
     return [
-        Case("image", image, "float32", variants("float32")),
-        Case("dense", dense, "float32", variants("float32")),
-        Case("image, mixed_float16", image, "mixed_float16", mixed),
+        Case("image", image, "float32", variants("float32"), list(FORMS)),
+        Case("dense", dense, "float32", variants("float32"), list(FORMS)),
+        Case(
+            "image, mixed_float16", image, "mixed_float16", mixed, ["upstream"]
+        ),
     ]
 
 
@@ -140,8 +159,27 @@ updated moving statistics, the inference step the outputs.
 """
 
 
-def make_step(layer, training, engine):
+# The forms a training step takes: the loss and which gradients it needs.
+FORMS = {
+    # `sum(y * upstream)`: an upstream gradient given as a tensor; the
+    # gradients of `gamma`, `beta` and the input.
+    "upstream": (False, True),
+    # `mean(y ** 2)`: the upstream gradient computed from the output.
+    "mean_square": (True, True),
+    # `sum(y * upstream)`, the gradients of `gamma` and `beta` only: a batch
+    # norm on a model's inputs.
+    "affine_only": (False, False),
+}
+
+
+def make_step(layer, training, engine, form="upstream"):
     backend = keras.backend.backend()
+    from_output, input_gradient = FORMS[form]
+
+    def objective(y, upstream):
+        if from_output:
+            return ops.mean(ops.square(y))
+        return ops.sum(y * upstream)
 
     def forward(trainable, non_trainable, x, mask):
         kwargs = {} if mask is None else {"mask": mask}
@@ -155,10 +193,11 @@ def make_step(layer, training, engine):
         def train(trainable, non_trainable, x, mask, upstream):
             def loss(trainable, x):
                 y, updated = forward(trainable, non_trainable, x, mask)
-                return ops.sum(y * upstream), updated
+                return objective(y, upstream), updated
 
+            argnums = (0, 1) if input_gradient else 0
             (_, updated), grads = jax.value_and_grad(
-                loss, argnums=(0, 1), has_aux=True
+                loss, argnums=argnums, has_aux=True
             )(trainable, x)
             return grads, updated
 
@@ -171,12 +210,12 @@ def make_step(layer, training, engine):
         import tensorflow as tf
 
         def train(trainable, non_trainable, x, mask, upstream):
+            sources = [trainable, x] if input_gradient else [trainable]
             with tf.GradientTape() as tape:
-                tape.watch(trainable)
-                tape.watch(x)
+                tape.watch(sources)
                 y, updated = forward(trainable, non_trainable, x, mask)
-                loss = tf.reduce_sum(y * upstream)
-            return tape.gradient(loss, [trainable, x]), updated
+                loss = objective(y, upstream)
+            return tape.gradient(loss, sources), updated
 
         def infer(trainable, non_trainable, x, mask, upstream):
             return forward(trainable, non_trainable, x, mask)[0]
@@ -200,10 +239,12 @@ def make_step(layer, training, engine):
 
     def train(trainable, non_trainable, x, mask, upstream):
         trainable = [t.detach().requires_grad_(True) for t in trainable]
-        x = x.detach().requires_grad_(True)
+        sources = list(trainable)
+        if input_gradient:
+            x = x.detach().requires_grad_(True)
+            sources.append(x)
         y, updated = compiled(trainable, non_trainable, x, mask)
-        grads = torch.autograd.grad((y * upstream).sum(), trainable + [x])
-        return grads, updated
+        return torch.autograd.grad(objective(y, upstream), sources), updated
 
     def infer(trainable, non_trainable, x, mask, upstream):
         with torch.no_grad():
@@ -343,13 +384,15 @@ def _bytes(x):
 """
 
 
-def run_case(case, engine, repeats, warmup, seed):
+def run_case(case, engine, form, repeats, warmup, seed):
     rng = np.random.default_rng(seed)
     steps, arguments, errors = {}, {}, {}
+    # Inference does not depend on the step's form: timed with the first.
+    modes = ("train", "inference") if form == "upstream" else ("train",)
     for name, variant in case.variants.items():
         layer, args = make_inputs(case, variant, rng)
-        for mode in ("train", "inference"):
-            step = make_step(layer, mode == "train", engine)
+        for mode in modes:
+            step = make_step(layer, mode == "train", engine, form)
             try:
                 synchronize(step(*args))
             except Exception as error:  # noqa: BLE001 - reported, not fatal
@@ -362,7 +405,7 @@ def run_case(case, engine, repeats, warmup, seed):
     # buffers the allocator hands it). Inference calls that followed
     # training steps ran up to 20 % slower, in a random order 4 times.
     times = {}
-    for mode in ("train", "inference"):
+    for mode in modes:
         calls = {
             key: (lambda step=step, args=arguments[key]: step(*args))
             for key, step in steps.items()
@@ -378,7 +421,7 @@ def run_case(case, engine, repeats, warmup, seed):
             rows[name] = {"error": errors[name]}
             continue
         row = {}
-        for mode in ("train", "inference"):
+        for mode in modes:
             row[f"{mode}_seconds"] = float(np.median(times[name, mode]))
             # Ratios are medians of ratios within a round: a change of the
             # machine's load between rounds cancels out.
@@ -389,9 +432,12 @@ def run_case(case, engine, repeats, warmup, seed):
             row[f"{mode}_peak_bytes"] = peak_memory(
                 steps[name, mode], arguments[name, mode]
             )
-        # Read the input and the upstream gradient, write the input's
-        # gradient.
-        essential = 3 * _bytes(arguments[name, "train"][2])
+        # Read the input and the upstream gradient (unless computed from
+        # the output), write the input's gradient (if it is needed).
+        from_output, input_gradient = FORMS[form]
+        essential = (1 + (not from_output) + input_gradient) * _bytes(
+            arguments[name, "train"][2]
+        )
         row["train_bandwidth_fraction"] = (
             essential / row["train_seconds"] / bandwidth
         )
@@ -402,6 +448,7 @@ def run_case(case, engine, repeats, warmup, seed):
             row["train_peak_vs_keras"] = row["train_peak_bytes"] / keras_peak
     return {
         "case": case.name,
+        "form": form,
         "shape": list(case.shape),
         "policy": case.policy,
         "engine": engine,
@@ -453,7 +500,8 @@ def markdown(results):
     for result in results:
         shape = "×".join(map(str, result["shape"]))
         lines += [
-            f"{result['case']} {shape}, {result['engine']}",
+            f"{result['case']} {shape}, {result['engine']}, "
+            f"step form {result['form']}",
             "",
             "| variant | train ms | × Keras | × floor | inference ms "
             "| × Keras | × floor | train peak MiB | × Keras | bandwidth |",
@@ -465,10 +513,10 @@ def markdown(results):
                 continue
             cells = [
                 name,
-                f"{row['train_seconds'] * 1e3:.3f}",
+                _milliseconds(row, "train_seconds"),
                 _ratio(row, "train_vs_keras"),
                 _ratio(row, "train_vs_floor"),
-                f"{row['inference_seconds'] * 1e3:.3f}",
+                _milliseconds(row, "inference_seconds"),
                 _ratio(row, "inference_vs_keras"),
                 _ratio(row, "inference_vs_floor"),
                 f"{row['train_peak_bytes'] / 2**20:.1f}",
@@ -482,6 +530,10 @@ def markdown(results):
 
 def _ratio(row, key):
     return f"{row[key]:.2f}" if key in row else "n/a"
+
+
+def _milliseconds(row, key):
+    return f"{row[key] * 1e3:.3f}" if key in row else "n/a"
 
 
 def median_results(runs):
@@ -568,10 +620,11 @@ def main():
         results = []
         for case in cases(args.tiny):
             for engine in engines():
-                results.append(
-                    run_case(case, engine, repeats, warmup, args.seed)
-                )
-                print(markdown(results[-1:]), flush=True)
+                for form in case.forms:
+                    results.append(
+                        run_case(case, engine, form, repeats, warmup, args.seed)
+                    )
+                    print(markdown(results[-1:]), flush=True)
     env["processes"] = args.processes
 
     os.makedirs(args.output_dir, exist_ok=True)

@@ -38,11 +38,13 @@ def test_speed_benchmark_runs(tmp_path, backend):
     report = json.loads((tmp_path / f"speed_{backend}.json").read_text())
     assert report["environment"]["backend"] == backend
     assert report["environment"]["processes"] == 2
-    cases = [(r["case"], r["engine"]) for r in report["results"]]
+    cases = [(r["case"], r["engine"], r["form"]) for r in report["results"]]
+    forms = ("upstream", "mean_square", "affine_only")
     expected = [
-        (case, engine)
+        (case, engine, form)
         for case in ("image", "dense", "image, mixed_float16")
         for engine in ENGINES[backend]
+        for form in (forms if "mixed" not in case else forms[:1])
     ]
     assert cases == expected
     for result_case in report["results"]:
@@ -60,13 +62,11 @@ def test_speed_benchmark_runs(tmp_path, backend):
         assert set(rows) == names
         for name, row in rows.items():
             assert "error" not in row, (name, row)
-            for key in (
-                "train_seconds",
-                "inference_seconds",
-                "train_vs_keras",
-                "inference_vs_floor",
-                "train_bandwidth_fraction",
-            ):
+            keys = ["train_seconds", "train_vs_keras"]
+            keys.append("train_bandwidth_fraction")
+            if result_case["form"] == "upstream":
+                keys += ["inference_seconds", "inference_vs_floor"]
+            for key in keys:
                 assert math.isfinite(row[key]) and row[key] > 0, (name, key)
             assert row["train_peak_bytes"] >= 0
         assert rows["keras"]["train_vs_keras"] == 1.0
@@ -132,3 +132,56 @@ def test_multiprocess_benchmark_counts(tmp_path, backend):
         # One all-reduce per layer: sums, squares and counts stacked.
         assert sorted(local) == sorted([3 * c] * layers + [gradients])
         assert keras_layer == [gradients]
+
+
+MODEL_VARIANTS = [
+    "keras",
+    "keras_bn",
+    "ghost",
+    "keras_ragged",
+    "ghost_ragged",
+    "debiased",
+    "frozen_statistics",
+    "floor",
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_models_benchmark_runs(tmp_path, backend):
+    """`benchmarks/models.py --tiny` times every network, engine and
+    variant, with finite ratios against the right reference."""
+    result = backend_process.run(
+        backend, "benchmarks/models.py", "--tiny", "--output-dir", tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / f"models_{backend}.json").read_text())
+    assert [(r["network"], r["engine"]) for r in report["results"]] == [
+        (network, engine)
+        for network in ("resnet", "tabnet", "sequence")
+        for engine in ENGINES[backend]
+    ]
+    for network in report["results"]:
+        rows = network["variants"]
+        assert list(rows) == MODEL_VARIANTS
+        for name, row in rows.items():
+            for key in ("step_seconds", "step_vs_keras", "peak_vs_keras"):
+                assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+            assert row["peak_bytes"] > 0, name
+        assert rows["keras"]["step_vs_keras"] == 1.0
+        assert rows["keras_ragged"]["step_vs_keras"] == 1.0
+        assert rows["floor"]["batch_norm_share"] == 0.0
+    table = (tmp_path / f"models_{backend}.md").read_text()
+    assert table.count("| ghost_ragged |") == len(report["results"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recalibrate_benchmark_runs(tmp_path, backend):
+    result = backend_process.run(
+        backend, "benchmarks/recalibrate.py", "--tiny", "--output-dir", tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / f"recalibrate_{backend}.json").read_text())
+    assert [r["model"] for r in report["results"]] == ["cnn", "masked"]
+    for row in report["results"]:
+        for key in ("first_ratio", "median_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, key

@@ -140,11 +140,11 @@ class _Recording:
 
     def start(self):
         self.layer.trainable = True
-        if isinstance(self.layer, BatchNormalization):
+        if self._reports(self.layer):
             self.layer._recording = self
             call = self.layer.call
         else:
-            call = self._keras_layer_call(self.layer.call)
+            call = self._recording_call(self.layer.call)
 
         def training_call(inputs, training=None, mask=None):
             return call(inputs, training=True, mask=mask)
@@ -154,8 +154,17 @@ class _Recording:
     def stop(self):
         if "call" in vars(self.layer):
             del self.layer.call
-        if isinstance(self.layer, BatchNormalization):
+        if self._reports(self.layer):
             self.layer._recording = None
+
+    @staticmethod
+    def _reports(layer):
+        """Whether `layer`'s training branch reports its batch statistics:
+        keras_bn's does, unless it normalizes with the moving ones."""
+        return (
+            isinstance(layer, BatchNormalization)
+            and layer.training_statistics == "batch"
+        )
 
     def reset(self):
         self._local.sums = None
@@ -182,20 +191,27 @@ class _Recording:
             return ops.zeros((1, 3, self.features), "float32")
         return sums
 
-    def _keras_layer_call(self, call):
-        """A `call` for Keras's layer that also records its statistics,
-        computed as keras_bn's layer computes them."""
+    def _recording_call(self, call):
+        """A `call` that also records the batch statistics of the layer's
+        input, computed as keras_bn's training branch computes them: for
+        Keras's layer, and keras_bn's with `training_statistics="moving"`
+        (its moving statistics describe that input too)."""
         layer = self.layer
+        if isinstance(layer, BatchNormalization):
+            axes = layer._reduction_axes
+            virtual_batch_size = layer.virtual_batch_size
+        else:
+            axes, virtual_batch_size = None, None
 
         def recording_call(inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
             # Keras's layer reads a mask as keras_bn's does (keras_bn also
             # takes masks of the input's rank, which Keras's refuses).
-            axis = layer.axis % len(x.shape)
             stats = _moments.moments(
                 x,
-                [a for a in range(len(x.shape)) if a != axis],
+                axes or [a for a in range(x.ndim) if a != layer.axis % x.ndim],
                 standardize_mask(mask, inputs),
+                virtual_batch_size,
             )
             self.add(stats.batch_mean, stats.batch_variance, stats.count)
             return call(inputs, training=training, mask=mask)

@@ -49,6 +49,7 @@ def main():
             "jax",
             "numpy",
             "pytest>=8",
+            "pytest-xdist>=3",
             "hypothesis>=6.100",
             "h5py",
         ]
@@ -66,6 +67,11 @@ def main():
         "-p",
         "no:cacheprovider",
         "--hypothesis-profile=quick",
+        # Two workers, one per core, each test module on one of them.
+        "-n",
+        "2",
+        "--dist",
+        "loadfile",
     ]
     return subprocess.call(command + args.pytest_args, cwd=ROOT, env=env)
 

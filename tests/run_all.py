@@ -2,7 +2,7 @@
 
 The unit tests run once per backend, each in its own process (Keras fixes its
 backend at import), two suites at once on the machine's two cores, then the
-integration tests; ruff checks the code first.
+integration tests, in two pytest workers; ruff checks the code first.
 
     python tests/run_all.py                   # everything
     python tests/run_all.py --backends jax    # one backend, no integration
@@ -138,8 +138,8 @@ def main():
         "--jobs",
         type=int,
         default=2,
-        help="unit-test suites run at once, one per core (default: 2; 1 "
-        "runs them one after another)",
+        help="unit-test suites, and integration-test workers, run at once, "
+        "one per core (default: 2; 1 runs them one after another)",
     )
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest")
     args = parser.parse_args()
@@ -155,12 +155,16 @@ def main():
         reports = pathlib.Path(reports)
         results += _unit_tests(backends, env, args, reports)
         if integration:
+            # Integration tests mostly wait on processes of their own: one
+            # pytest worker per job, each test module on one of them (the
+            # modules share their costly fixtures between their tests).
+            workers = ["-n", str(args.jobs), "--dist", "loadfile"]
             results.append(
                 _pytest(
                     "integration",
                     ["integration"],
                     env,
-                    args.pytest_args,
+                    (workers if args.jobs > 1 else []) + args.pytest_args,
                     reports,
                 )
             )

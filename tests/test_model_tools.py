@@ -110,6 +110,10 @@ def _reference_statistics(x, batch_size, **kwargs):
 RECALIBRATE_CASES = {
     "keras": (keras.layers.BatchNormalization, {}),
     "plain": (keras_bn.BatchNormalization, {}),
+    "frozen_statistics": (
+        keras_bn.BatchNormalization,
+        {"training_statistics": "moving", "virtual_batch_size": 3},
+    ),
     "ghost_ragged": (keras_bn.BatchNormalization, {"virtual_batch_size": 3}),
     "renorm": (keras_bn.BatchNormalization, {"renorm": True}),
     "channels_first": (keras_bn.BatchNormalization, {"axis": 1}),
