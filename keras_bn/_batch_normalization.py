@@ -569,8 +569,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             offset = _moments.shift_gradient(offset, part.mean, multiplier)
         # (x - mean) * multiplier rather than x * multiplier - mean *
         # multiplier: the latter cancels catastrophically on large offsets.
-        outputs = centered * multiplier
-        return outputs if offset is None else outputs + offset
+        return _multiply_add(centered, multiplier, offset)
 
     def _update_moving_statistics(self, mean, variance, count):
         keep = _no_data(mean, variance, count)
@@ -711,6 +710,26 @@ def _no_data(mean, variance, count):
     element, or with non-finite statistics (NaN or inf in the batch)."""
     finite = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
     return ops.logical_not(ops.logical_and(finite, count > 0))
+
+
+def _multiply_add(centered, multiplier, offset=None):
+    """`centered * multiplier + offset`, for a `centered` that is a fresh
+    tensor of the layer's own, used nowhere else.
+
+    Eager PyTorch on a CPU spends more on allocating a tensor of the
+    input's size than on computing it: where no gradient is recorded
+    (`predict`, `recalibrate`, frozen statistics under `torch.no_grad`),
+    the result is computed in place in `centered`, as PyTorch's own
+    inference batch norm does.
+    """
+    if keras.backend.backend() == "torch" and not any(
+        getattr(value, "requires_grad", False)
+        for value in (centered, multiplier, offset)
+    ):
+        outputs = centered.mul_(multiplier)
+        return outputs if offset is None else outputs.add_(offset)
+    outputs = centered * multiplier
+    return outputs if offset is None else outputs + offset
 
 
 def _clip(x, low=None, high=None):

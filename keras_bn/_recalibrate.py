@@ -96,9 +96,6 @@ def recalibrate(model, data, steps=None, batch_size=32, verbose="auto"):
         )
         return model
     inputs, arguments = _predict_inputs(data, steps, batch_size)
-    # Keras's layer updates its moving statistics in its training branch:
-    # they are put back afterwards, as is `trainable`.
-    saved = [(layer, layer.trainable, layer.get_weights()) for layer in layers]
     with _strategy_scope(model):
         recorder = _recorder(model, layers)
         recordings = recorder.recordings
@@ -114,9 +111,6 @@ def recalibrate(model, data, steps=None, batch_size=32, verbose="auto"):
         finally:
             for recording in recordings:
                 recording.stop()
-            for layer, trainable, weights in saved:
-                layer.trainable = trainable
-                layer.set_weights(weights)
     batches = len(sums[0])
     for layer, layer_sums in zip(layers, sums, strict=True):
         _assign(layer, np.sum(layer_sums, axis=0, dtype="float64"), batches)
@@ -128,22 +122,31 @@ class _Recording:
     of the wrapper model: the sums of mean * count, variance * count, and
     count, per feature (stacked as `(1, 3, features)`).
 
-    keras_bn's layer reports to it (its `_recording`); Keras's layer is
-    given a `call` that computes the statistics as keras_bn's does. The
-    sums are per thread: `tf.distribute`'s replicas run the step in a
+    keras_bn's layer reports to it (its `_recording`) and updates nothing;
+    Keras's layer is given a `call` that computes the statistics as
+    keras_bn's does, and its moving statistics, which its training branch
+    updates, are put back by `stop`, as is a frozen layer's `trainable`.
+    The sums are per thread: `tf.distribute`'s replicas run the step in a
     thread each, interleaved."""
 
     def __init__(self, layer):
         self.layer = layer
         self.features = int(np.prod(layer.moving_mean.shape))
         self._local = threading.local()
+        self._frozen = False
+        self._weights = None
 
     def start(self):
-        self.layer.trainable = True
+        # Setting `trainable` costs a walk over the layer's variables:
+        # only a frozen layer's is set.
+        self._frozen = not self.layer.trainable
+        if self._frozen:
+            self.layer.trainable = True
         if self._reports(self.layer):
             self.layer._recording = self
             call = self.layer.call
         else:
+            self._weights = self.layer.get_weights()
             call = self._recording_call(self.layer.call)
 
         def training_call(inputs, training=None, mask=None):
@@ -156,6 +159,12 @@ class _Recording:
             del self.layer.call
         if self._reports(self.layer):
             self.layer._recording = None
+        if self._weights is not None:
+            self.layer.set_weights(self._weights)
+            self._weights = None
+        if self._frozen:
+            self.layer.trainable = False
+            self._frozen = False
 
     @staticmethod
     def _reports(layer):

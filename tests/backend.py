@@ -58,6 +58,17 @@ def compile_with_dynamic_batch(fn, example):
     return fn
 
 
+def no_gradients():
+    """The context `predict` runs a model in: PyTorch records no gradient
+    in it; the other backends record none outside a tape or a transform
+    anyway."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def float64_enabled():
     """Lets the backend compute in float64: JAX needs jax_enable_x64, the

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import zipfile
 
@@ -10,6 +11,7 @@ import keras_bn
 from tests import reference
 from tests.backend import compile_with_dynamic_batch
 from tests.backend import float64_enabled
+from tests.backend import no_gradients
 from tests.backend import to_numpy
 from tests.backend import value_and_gradients
 from tests.harness import run_layer_test
@@ -1048,6 +1050,81 @@ def test_non_finite_channel_keeps_its_moving_statistics(bad, renorm):
         value = to_numpy(weight)
         np.testing.assert_array_equal(value[1], before[weight.name][1])
         assert np.all(value[[0, 2]] != before[weight.name][[0, 2]])
+
+
+NO_GRADIENT_CASES = {
+    "plain": ({}, (8, 3), None),
+    "ghost_ragged": ({"virtual_batch_size": 3}, (8, 4, 3), None),
+    "several_axes": ({"axis": [1, 3]}, (4, 3, 5, 2), None),
+    "masked": ({"virtual_batch_size": 4}, (8, 5, 3), (8, 5)),
+    "renorm": ({"renorm": True}, (8, 3), None),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape,mask_shape",
+    list(NO_GRADIENT_CASES.values()),
+    ids=list(NO_GRADIENT_CASES),
+)
+def test_without_gradients_inputs_stay_and_outputs_agree(
+    kwargs, shape, mask_shape
+):
+    """Where no gradient is recorded (`predict`, `recalibrate`), the layer
+    computes its outputs in buffers of its own (in place on PyTorch): the
+    input tensor is left as it was, and training and inference outputs and
+    moving statistics are those of a call that records gradients."""
+    x = _normal(shape, loc=3.0)
+    mask = None
+    if mask_shape is not None:
+        mask = np.random.default_rng(2).uniform(size=mask_shape) > 0.3
+    layers = [keras_bn.BatchNormalization(**kwargs) for _ in range(2)]
+    for layer in layers:
+        layer.build(shape)
+        _random_parameters(layer)
+    inputs = ops.convert_to_tensor(x)
+    outputs = {}
+    for name, layer in zip(("without", "with"), layers, strict=True):
+        with no_gradients() if name == "without" else contextlib.nullcontext():
+            training = layer(inputs, training=True, mask=mask)
+            inference = layer(inputs, training=False)
+        outputs[name] = (to_numpy(training), to_numpy(inference))
+        np.testing.assert_array_equal(to_numpy(inputs), x)
+    for without, recorded in zip(
+        outputs["without"], outputs["with"], strict=True
+    ):
+        np.testing.assert_allclose(without, recorded, rtol=1e-6, atol=1e-6)
+    for weight, other in zip(
+        layers[0].non_trainable_weights,
+        layers[1].non_trainable_weights,
+        strict=True,
+    ):
+        np.testing.assert_allclose(to_numpy(weight), to_numpy(other))
+    layer = layers[0]
+    if not layer.renorm:
+        expected = reference.batch_norm(
+            x,
+            axis=kwargs.get("axis", -1),
+            mask=mask,
+            virtual_batch_size=kwargs.get("virtual_batch_size"),
+            gamma=to_numpy(layer.gamma),
+            beta=to_numpy(layer.beta),
+        )
+        np.testing.assert_allclose(
+            outputs["without"][0], expected["outputs"], rtol=RTOL, atol=ATOL
+        )
+    np.testing.assert_allclose(
+        outputs["without"][1],
+        reference.inference(
+            x,
+            to_numpy(layer.moving_mean),
+            to_numpy(layer.moving_variance),
+            axis=kwargs.get("axis", -1),
+            gamma=to_numpy(layer.gamma),
+            beta=to_numpy(layer.beta),
+        ),
+        rtol=RTOL,
+        atol=ATOL,
+    )
 
 
 # ---------------------------------------------------------------------------
