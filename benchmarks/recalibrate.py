@@ -4,11 +4,10 @@ Description: The precise-BN pass at forward speed, on the same data.
 
 Times `keras_bn.recalibrate(model, data)` and `model.predict(data)` on the
 same model and data, in turns, round after round, and prints the ratio of
-their medians. Each `recalibrate` call compiles its pass anew (it is a new
-function of the model each time), so it is set beside `predict` both as a
-user meets them once (each one's first call on a fresh model, compilation
-included) and in the rounds (a warm `predict` against a `recalibrate` that
-compiles again).
+their medians. Each is set beside the other twice: as a user meets them
+once (each one's first call on a fresh model, compilation included) and
+warm, in the rounds (`recalibrate` reuses the pass it compiled the first
+time, as `predict` does).
 
 The models:
 

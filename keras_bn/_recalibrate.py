@@ -248,11 +248,18 @@ class _Recorder(keras.Model):
 def _recorder(model, layers):
     """The wrapper model of `model`, made once and kept on it, so that the
     pass it compiles serves every later `recalibrate` of the model, as
-    `predict`'s does. (It is kept out of Keras's tracking: it is no layer
+    `predict`'s does (until the model's `jit_compile` changes). (It is kept out of Keras's tracking: it is no layer
     of the model and none of its state.)"""
     recorder = vars(model).get("_keras_bn_recorder")
-    if recorder is None or [r.layer for r in recorder.recordings] != layers:
+    if (
+        recorder is None
+        or [r.layer for r in recorder.recordings] != layers
+        or recorder.jit_compile != model.jit_compile
+    ):
         recorder = _Recorder(model, layers)
+        # Compiled as the model's `predict` is: with XLA (or torch.compile)
+        # where the model's `compile` asked for it or Keras chose it.
+        recorder.jit_compile = model.jit_compile
         object.__setattr__(model, "_keras_bn_recorder", recorder)
     return recorder
 

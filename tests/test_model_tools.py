@@ -354,6 +354,27 @@ def test_recalibrate_runs_one_compiled_pass(bn_cls):
     assert getattr(layer, "_recording", None) is None
 
 
+def test_recalibrate_compiles_as_predict_does():
+    """The pass follows the model's `jit_compile` (XLA, or torch.compile),
+    also when a later `compile` changes it, and gives the same statistics
+    either way."""
+    x = _normal((20, 3), loc=1.0, scale=2.0)
+    mean, variance = _reference_statistics(x, 10, virtual_batch_size=3)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras_bn.BatchNormalization(virtual_batch_size=3)]
+    )
+    for jit_compile in (True, False):
+        model.compile(jit_compile=jit_compile)
+        keras_bn.recalibrate(model, x, batch_size=10, verbose=0)
+        assert model._keras_bn_recorder.jit_compile is jit_compile
+        np.testing.assert_allclose(
+            to_numpy(model.layers[0].moving_mean), mean, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            to_numpy(model.layers[0].moving_variance), variance, rtol=1e-5
+        )
+
+
 @pytest.mark.parametrize("verbose", [0, 1])
 def test_recalibrate_progress_bar(capsys, verbose):
     model = keras.Sequential([keras.Input((3,)), keras_bn.BatchNormalization()])
