@@ -248,8 +248,9 @@ class _Recorder(keras.Model):
 def _recorder(model, layers):
     """The wrapper model of `model`, made once and kept on it, so that the
     pass it compiles serves every later `recalibrate` of the model, as
-    `predict`'s does (until the model's `jit_compile` changes). (It is kept out of Keras's tracking: it is no layer
-    of the model and none of its state.)"""
+    `predict`'s does (until the model's `jit_compile` changes). (It is kept
+    out of Keras's tracking: it is no layer of the model and none of its
+    state.)"""
     recorder = vars(model).get("_keras_bn_recorder")
     if (
         recorder is None
