@@ -1,12 +1,13 @@
 """Precise BN: `recalibrate` recomputes the moving statistics from data.
 
-The pass runs at the speed of `predict`, because it is one: a wrapper model
-runs the model with its batch-norm layers in their training branch, and
-returns what each of them computed (count-weighted sums of the batch means
-and variances, and the counts) as its outputs. Keras's `predict` then
-compiles the whole pass into one function, feeds it the data, shows its
-progress bar and spreads it over the devices of a distribution; the host
-only adds up the per-batch sums, in float64, at the end.
+The pass runs at about the speed of `predict`, because it is one (plus the
+batch norms' training branch, which costs more than inference): a wrapper
+model runs the model with its batch-norm layers in their training branch,
+and returns what each of them computed (count-weighted sums of the batch
+means and variances, and the counts) as its outputs. Keras's `predict`
+then compiles the whole pass into one function, feeds it the data, shows
+its progress bar and spreads it over the devices of a distribution; the
+host only adds up the per-batch sums, in float64, at the end.
 """
 
 import contextlib
@@ -47,10 +48,12 @@ def recalibrate(model, data, steps=None, batch_size=32, verbose="auto"):
     as many batches as the pass saw; with `"debiased"`, from a complete
     estimate, as after a long training.
 
-    The pass is one `model.predict`-like run, compiled once, as fast as
-    `predict` on the same data. Under a `keras.distribution` (JAX) or a
-    `tf.distribute` strategy (TensorFlow) it runs on every device, and the
-    averages cover every device's batches. The model is updated in place.
+    The pass is one `model.predict`-like run, compiled once as the model's
+    `predict` is, at about its speed on the same data (the batch norms'
+    training branch costs more than inference). Under a
+    `keras.distribution` (JAX) or a `tf.distribute` strategy (TensorFlow)
+    it runs on every device, and the averages cover every device's batches.
+    The model is updated in place.
 
     Args:
         model: A `keras.Model` (any kind, subclassed included).
