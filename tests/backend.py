@@ -4,6 +4,7 @@ Each branch runs on its own backend, in that backend's pytest process.
 """
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
@@ -56,6 +57,22 @@ def compile_with_dynamic_batch(fn, example):
 
         return jax.jit(fn)
     return fn
+
+
+@functools.cache
+def channels_first_conv2d_runs():
+    """Whether the backend runs a channels-first 2D convolution here.
+    TensorFlow's CPU kernel takes NHWC only, unless oneDNN is on (its
+    default only on some CPUs, `TF_ENABLE_ONEDNN_OPTS`); Keras compiles
+    channels-first 3D convolutions with XLA, not 2D ones."""
+    if keras.backend.backend() != "tensorflow":
+        return True
+    layer = keras.layers.Conv2D(1, 1, data_format="channels_first")
+    try:
+        layer(np.zeros((1, 1, 2, 2), "float32"))
+    except Exception:  # TensorFlow's UnimplementedError
+        return False
+    return True
 
 
 def no_gradients():
