@@ -167,6 +167,15 @@ def variants(network):
 REFERENCES = {"ghost_ragged": "keras_ragged", "keras_ragged": "keras_ragged"}
 
 
+def _with_references(chosen):
+    """The variants `chosen`, with what their figures are set beside."""
+    return (
+        set(chosen)
+        | {"keras", "floor"}
+        | {REFERENCES[variant] for variant in chosen if variant in REFERENCES}
+    )
+
+
 def engines():
     if keras.backend.backend() == "torch":
         import torch
@@ -218,10 +227,12 @@ def peak_memory(model, x, y):
     return speed.peak_memory(step, (trainable, non_trainable, x, y))
 
 
-def run(name, network, engine, jit_compile, rounds, warmup, tiny):
+def run(name, network, engine, jit_compile, rounds, warmup, tiny, chosen):
     rng = np.random.default_rng(0)
     steps, memory = {}, {}
     for variant, (make, batch) in variants(network).items():
+        if chosen and variant not in _with_references(chosen):
+            continue
         model = compiled(network, make, jit_compile, tiny)
         x, y = network.data(batch or network.batch, tiny, rng)
         x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
@@ -238,12 +249,15 @@ def run(name, network, engine, jit_compile, rounds, warmup, tiny):
         rows[variant] = {
             "step_seconds": float(np.median(seconds)),
             "step_vs_keras": float(np.median(seconds / times[reference])),
-            "peak_bytes": memory[variant],
-            "peak_vs_keras": memory[variant] / max(memory[reference], 1),
             "batch_norm_share": float(
                 np.median(1.0 - times["floor"] / seconds)
             ),
         }
+        if memory[variant] is not None:
+            rows[variant]["peak_bytes"] = memory[variant]
+            rows[variant]["peak_vs_keras"] = memory[variant] / max(
+                memory[reference], 1
+            )
     return {
         "network": name,
         "engine": engine,
@@ -264,11 +278,13 @@ def markdown(results):
             "|" + " --- |" * 6,
         ]
         for variant, row in result["variants"].items():
+            peak, peak_ratio = "n/a", "n/a"
+            if "peak_bytes" in row:
+                peak = f"{row['peak_bytes'] / 2**20:.1f}"
+                peak_ratio = f"{row['peak_vs_keras']:.2f}"
             lines.append(
                 f"| {variant} | {row['step_seconds'] * 1e3:.1f} "
-                f"| {row['step_vs_keras']:.2f} "
-                f"| {row['peak_bytes'] / 2**20:.1f} "
-                f"| {row['peak_vs_keras']:.2f} "
+                f"| {row['step_vs_keras']:.2f} | {peak} | {peak_ratio} "
                 f"| {row['batch_norm_share']:.0%} |"
             )
         lines.append("")
@@ -284,6 +300,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--networks", nargs="+", default=None)
     parser.add_argument("--engines", nargs="+", default=None)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="the variants to time (their references are timed too)",
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--output-dir", default="runs/models")
     args = parser.parse_args()
@@ -306,6 +328,7 @@ def main():
                 args.rounds,
                 args.warmup,
                 args.tiny,
+                args.variants,
             )
             results.append(result)
             print(markdown([result]), flush=True)

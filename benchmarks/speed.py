@@ -299,7 +299,9 @@ def synchronize(result):
 
 
 def peak_memory(step, args):
-    """Bytes a step allocates beyond its inputs, at its highest."""
+    """Bytes a step allocates beyond its inputs, at its highest; `None`
+    where the backend cannot tell (TensorFlow's CPU allocator keeps no
+    statistics unless oneDNN is on, its default only on some CPUs)."""
     backend = keras.backend.backend()
     if backend == "jax":
         analysis = step.lower(*args).compile().memory_analysis()
@@ -312,7 +314,10 @@ def peak_memory(step, args):
         import tensorflow as tf
 
         device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
-        tf.config.experimental.reset_memory_stats(device)
+        try:
+            tf.config.experimental.reset_memory_stats(device)
+        except ValueError:  # "Cannot reset memory stats for device"
+            return None
         before = tf.config.experimental.get_memory_info(device)["current"]
         synchronize(step(*args))
         peak = tf.config.experimental.get_memory_info(device)["peak"]
@@ -429,9 +434,9 @@ def run_case(case, engine, form, repeats, warmup, seed):
                 if (other, mode) in times:
                     ratios = times[name, mode] / times[other, mode]
                     row[f"{mode}_vs_{other}"] = float(np.median(ratios))
-            row[f"{mode}_peak_bytes"] = peak_memory(
-                steps[name, mode], arguments[name, mode]
-            )
+            peak = peak_memory(steps[name, mode], arguments[name, mode])
+            if peak is not None:
+                row[f"{mode}_peak_bytes"] = peak
         # Read the input and the upstream gradient (unless computed from
         # the output), write the input's gradient (if it is needed).
         from_output, input_gradient = FORMS[form]
@@ -519,7 +524,7 @@ def markdown(results):
                 _milliseconds(row, "inference_seconds"),
                 _ratio(row, "inference_vs_keras"),
                 _ratio(row, "inference_vs_floor"),
-                f"{row['train_peak_bytes'] / 2**20:.1f}",
+                _mebibytes(row, "train_peak_bytes"),
                 _ratio(row, "train_peak_vs_keras"),
                 f"{row['train_bandwidth_fraction']:.0%}",
             ]
@@ -530,6 +535,10 @@ def markdown(results):
 
 def _ratio(row, key):
     return f"{row[key]:.2f}" if key in row else "n/a"
+
+
+def _mebibytes(row, key):
+    return f"{row[key] / 2**20:.1f}" if key in row else "n/a"
 
 
 def _milliseconds(row, key):
