@@ -16,6 +16,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+if os.environ.get("KERAS_BACKEND") == "torch":
+    import torch
+
+    # With TensorFlow (loaded by tensorflow-datasets) in the same process,
+    # PyTorch's oneDNN convolutions hang in a 1x1 convolution's backward
+    # pass, or abort with "double free or corruption", on an AMD EPYC CPU
+    # (torch 2.13, TensorFlow 2.21); its own convolutions do not.
+    torch.backends.mkldnn.enabled = False
+
 import tensorflow_datasets as tfds  # noqa: E402
 
 MOCK_EXAMPLES = 64
