@@ -4,6 +4,7 @@ complete report (every case, engine and variant, with finite timings,
 ratios and memory figures where the backend can tell them); so do
 `models.py`, `recalibrate.py`, `reductions.py` and `multiprocess.py`."""
 
+import functools
 import json
 import math
 
@@ -214,6 +215,7 @@ def test_models_benchmark_runs(
     assert table.count("| ghost_ragged |") == len(report["results"])
 
 
+@functools.cache
 def memory_measured(backend):
     """Whether the benchmarks can read the backend's peak memory here:
     TensorFlow's CPU allocator keeps statistics only with oneDNN on, its
