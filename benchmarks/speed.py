@@ -54,6 +54,7 @@ KERAS_BACKEND=jax python benchmarks/speed.py
 KERAS_BACKEND=tensorflow python benchmarks/speed.py
 KERAS_BACKEND=torch python benchmarks/speed.py
 KERAS_BACKEND=jax python benchmarks/speed.py --tiny  # a smoke test
+KERAS_BACKEND=torch python benchmarks/speed.py --engines compile --cases dense
 ```
 """
 
@@ -140,6 +141,25 @@ def cases(tiny):
             "image, mixed_float16", image, "mixed_float16", mixed, ["upstream"]
         ),
     ]
+
+
+def chosen_cases(args):
+    """The cases and variants `args` asks for, with their references."""
+    chosen = []
+    for case in cases(args.tiny):
+        if args.cases and case.name not in args.cases:
+            continue
+        if args.variants:
+            names = {*args.variants, "keras", "floor"}
+            case = case._replace(
+                variants={
+                    name: variant
+                    for name, variant in case.variants.items()
+                    if name in names
+                }
+            )
+        chosen.append(case)
+    return chosen
 
 
 def engines():
@@ -587,6 +607,9 @@ def run_processes(args):
             command += ["--output-dir", output]
             if args.tiny:
                 command.append("--tiny")
+            for option in ("engines", "cases", "variants"):
+                if getattr(args, option):
+                    command += [f"--{option}", *getattr(args, option)]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             with open(os.path.join(output, report)) as file:
                 runs.append(json.load(file)["results"])
@@ -613,6 +636,22 @@ def main():
         action="store_true",
         help="tiny shapes and 2 rounds: checks that the script runs",
     )
+    parser.add_argument(
+        "--engines", nargs="+", default=None, help="the engines to time"
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help='the cases to time, by name: image, dense, "image, mixed_float16"',
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="the variants to time (keras and floor, which the others are "
+        "set beside, are timed too)",
+    )
     parser.add_argument("--output-dir", default="runs/speed")
     args = parser.parse_args()
     repeats, warmup = (2, 1) if args.tiny else (args.repeats, args.warmup)
@@ -627,8 +666,10 @@ def main():
         print(markdown(results))
     else:
         results = []
-        for case in cases(args.tiny):
+        for case in chosen_cases(args):
             for engine in engines():
+                if args.engines and engine not in args.engines:
+                    continue
                 for form in case.forms:
                     results.append(
                         run_case(case, engine, form, repeats, warmup, args.seed)

@@ -14,17 +14,23 @@ def to_numpy(value):
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
-def value_and_gradients(fn, *args):
+def value_and_gradients(fn, *args, compiled=True):
     """The value of the scalar function `fn(*args)` and its gradient with
-    respect to each argument, as NumPy arrays."""
+    respect to each argument, as NumPy arrays.
+
+    On JAX, `compiled` runs it under `jax.jit`, as a training step runs:
+    one compilation, where op-by-op gradients compile each of their
+    operations for each new shape (seven times slower on the randomized
+    tests, which draw a new shape each time)."""
     backend = keras.backend.backend()
     args = [keras.ops.convert_to_tensor(arg) for arg in args]
     if backend == "jax":
         import jax
 
-        value, gradients = jax.value_and_grad(
-            fn, argnums=tuple(range(len(args)))
-        )(*args)
+        transform = jax.value_and_grad(fn, argnums=tuple(range(len(args))))
+        if compiled:
+            transform = jax.jit(transform)
+        value, gradients = transform(*args)
     elif backend == "tensorflow":
         import tensorflow as tf
 

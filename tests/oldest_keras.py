@@ -1,9 +1,13 @@
-"""Runs the unit tests on JAX against the oldest Keras the package declares.
+"""Runs the layer's tests on JAX against the oldest Keras the package
+declares.
 
 `pyproject.toml` names the oldest Keras keras-bn supports (`keras>=X`);
 this builds a virtual environment of its own with exactly that release,
-JAX and what the tests need, and runs the JAX unit tests in it. CI runs it
-after the main suite.
+JAX and what the tests need, and runs in it what can differ from one Keras
+release to the next: the layer's tests, Keras's own test module where that
+release ships it, and the properties at a few examples each (the model
+tools, callbacks and devices build on the layer and on public Keras API
+that the main suite checks). `tests/run_all.py` runs it with the rest.
 
     python tests/oldest_keras.py              # into .venv-oldest
     python tests/oldest_keras.py -- -k ghost  # extra arguments for pytest
@@ -16,6 +20,8 @@ import re
 import subprocess
 import sys
 import venv
+
+from run_all import LAYER_TESTS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -49,7 +55,6 @@ def main():
             "jax",
             "numpy",
             "pytest>=8",
-            "pytest-xdist>=3",
             "hypothesis>=6.100",
             "h5py",
         ]
@@ -62,16 +67,8 @@ def main():
         python,
         "-m",
         "pytest",
-        "tests",
-        "-q",
-        "-p",
-        "no:cacheprovider",
+        *LAYER_TESTS,
         "--hypothesis-profile=quick",
-        # Two workers, one per core, each test module on one of them.
-        "-n",
-        "2",
-        "--dist",
-        "loadfile",
     ]
     return subprocess.call(command + args.pytest_args, cwd=ROOT, env=env)
 

@@ -153,22 +153,30 @@ def test_momentum_one_keeps_a_debiased_average_at_its_start():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("moving_average", ("debiased", "cumulative"))
-def test_moving_average_under_fit(moving_average, jit_compile):
+def test_moving_average_under_fit(jit_compile):
+    """A debiased and a cumulative layer side by side in one model (one
+    compilation for both)."""
     x = np.concatenate(_batches((8, 3)))
-    layer = _layer(moving_average)
+    layers = {a: _layer(a) for a in ("debiased", "cumulative")}
     inputs = keras.Input((3,))
-    model = keras.Model(inputs, layer(inputs))
+    outputs = [layer(inputs) for layer in layers.values()]
+    model = keras.Model(inputs, keras.layers.Concatenate()(outputs))
     model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
-    model.fit(x, x, batch_size=8, shuffle=False, verbose=0)
+    model.fit(x, np.tile(x, 2), batch_size=8, shuffle=False, verbose=0)
     means = [reference.batch_norm(b)["mean"] for b in np.split(x, STEPS)]
-    np.testing.assert_allclose(
-        to_numpy(layer.moving_mean),
-        reference.averaged(means, MOMENTUM, moving_average, -5.0),
-        rtol=1e-5,
-    )
-    weight = STEPS if moving_average == "cumulative" else 1 - MOMENTUM**STEPS
-    np.testing.assert_allclose(to_numpy(layer.moving_weight), weight, 1e-6)
+    for moving_average, layer in layers.items():
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_mean),
+            reference.averaged(means, MOMENTUM, moving_average, -5.0),
+            rtol=1e-5,
+            err_msg=moving_average,
+        )
+        weight = (
+            STEPS if moving_average == "cumulative" else 1 - MOMENTUM**STEPS
+        )
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_weight), weight, 1e-6, err_msg=moving_average
+        )
 
 
 def test_weights_of_each_average():
