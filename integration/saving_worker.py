@@ -2,11 +2,16 @@
 the backend given by KERAS_BACKEND.
 
     python integration/saving_worker.py save DIR
-    python integration/saving_worker.py load DIR SOURCE_BACKEND
+    python integration/saving_worker.py load DIR SOURCE_BACKEND...
+
+`load` loads what each source backend saved, one after the other, in one
+process, and prints a line for each that predicts the same; it exits 1
+after the others if one failed.
 """
 
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -70,4 +75,11 @@ if __name__ == "__main__":
     if command == "save":
         save(directory)
     else:
-        load(directory, sys.argv[3])
+        failed = False
+        for source in sys.argv[3:]:
+            try:
+                load(directory, source)
+            except Exception:  # reported, then the next source
+                traceback.print_exc()
+                failed = True
+        sys.exit(int(failed))

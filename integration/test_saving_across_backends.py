@@ -10,18 +10,27 @@ BACKENDS = ("tensorflow", "jax", "torch")
 WORKER = pathlib.Path(__file__).with_name("saving_worker.py")
 
 
-def _run(backend, *args):
-    result = backend_process.run(backend, WORKER, *args, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def loaded(tmp_path_factory):
+    """What each backend printed and wrote loading the models the other two
+    saved, in one process per backend."""
     directory = tmp_path_factory.mktemp("saved")
     for backend in BACKENDS:
-        _run(backend, "save", str(directory))
-    return directory
+        result = backend_process.run(
+            backend, WORKER, "save", str(directory), timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    return {
+        target: backend_process.run(
+            target,
+            WORKER,
+            "load",
+            str(directory),
+            *[source for source in BACKENDS if source != target],
+            timeout=600,
+        )
+        for target in BACKENDS
+    }
 
 
 @pytest.mark.parametrize(
@@ -29,6 +38,6 @@ def saved(tmp_path_factory):
     [(s, t) for s in BACKENDS for t in BACKENDS if s != t],
     ids=lambda backend: backend,
 )
-def test_load_on_another_backend(saved, source, target):
-    output = _run(target, "load", str(saved), source)
-    assert f"loaded {source} on {target}" in output
+def test_load_on_another_backend(loaded, source, target):
+    stdout, stderr = loaded[target].stdout, loaded[target].stderr
+    assert f"loaded {source} on {target}" in stdout, stderr[-4000:]

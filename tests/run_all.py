@@ -98,14 +98,14 @@ def _pytest(suite, pytest_args, reports, log=None):
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     reasons = collections.Counter()
     if report.exists():
-        counts, reasons = _read_report(report)
+        counts, reasons = read_report(report)
     if code != 0 and counts["failed"] == 0:
         # pytest failed outside any test (collection, or no test ran).
         counts["failed"] = 1
     return suite.name, counts, seconds, reasons
 
 
-def _read_report(report):
+def read_report(report):
     root = ElementTree.parse(report).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     total = int(suite.get("tests"))
