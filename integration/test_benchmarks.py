@@ -223,9 +223,7 @@ def test_models_benchmark_runs(
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / f"models_{backend}.json").read_text())
-    engines = ENGINES[backend]
-    if "--engines" in arguments:
-        engines = [arguments[arguments.index("--engines") + 1]]
+    engines = _option(arguments, "--engines", ENGINES[backend])
     assert [(r["network"], r["engine"]) for r in report["results"]] == [
         (network, engine) for network in networks for engine in engines
     ]
