@@ -7,12 +7,20 @@ Each backend is installed once, with one of the distributions: the wheel
 with TensorFlow and with PyTorch, the sdist with JAX. pip builds the sdist
 into a wheel as `python -m build` builds the wheel under test (from the
 sdist): the JAX environment checks that build, the package's `[jax]`
-extra, and JAX. Slow (a virtual environment and a backend install each,
-from the pip cache after the first run); deselect with `-m "not slow"`.
+extra, and JAX.
+
+The backend itself is not installed again: each environment sees the
+backend installed beside these tests, and what that backend depends on,
+through a `.pth` file (`_reuse_backend`), and pip installs the package and
+everything the package itself requires (Keras and its dependencies) into
+it from the distribution's metadata. Slow (a virtual environment and a
+build each); deselect with `-m "not slow"`.
 """
 
+import importlib.metadata
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -20,16 +28,18 @@ import tarfile
 import zipfile
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The distribution and the backend of each fresh environment.
 INSTALLS = [("wheel", "tensorflow"), ("sdist", "jax"), ("wheel", "torch")]
 # What each environment installs besides the package: CPU builds, as in the
-# README; `[jax]` and `[torch]` also exercise the package's extras.
+# README; `[jax]` and `[torch]` also exercise the package's extras. The
+# last item is the backend's distribution, which the environment reuses.
 REQUIREMENTS = {
-    "tensorflow": ("", ["tensorflow-cpu"]),
-    "jax": ("[jax]", []),
-    "torch": ("[torch]", ["torch==2.13.0"]),
+    "tensorflow": ("", ["tensorflow-cpu"], "tensorflow-cpu"),
+    "jax": ("[jax]", [], "jax"),
+    "torch": ("[torch]", ["torch==2.13.0"], "torch"),
 }
 SMOKE = """
 import importlib.util
@@ -144,7 +154,10 @@ def test_fresh_environment(tmp_path, distributions, distribution, backend):
     environment = tmp_path / "venv"
     _call([sys.executable, "-m", "venv", environment], cwd=tmp_path)
     python = str(environment / "bin" / "python")
-    extra, others = REQUIREMENTS[backend]
+    extra, others, installed = REQUIREMENTS[backend]
+    _reuse_backend(
+        python, installed, distributions["wheel"], tmp_path / "backend"
+    )
     _call(
         [
             python,
@@ -171,3 +184,73 @@ def test_fresh_environment(tmp_path, distributions, distribution, backend):
         env={**env, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert f"trained on {backend}" in output
+
+
+def _closure(name):
+    """The installed distributions `name` needs, itself included, by
+    normalized name."""
+    found, todo = {}, [name]
+    while todo:
+        requirement = todo.pop()
+        key = re.sub(r"[-_.]+", "-", requirement).lower()
+        if key in found:
+            continue
+        try:
+            distribution = importlib.metadata.distribution(requirement)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found[key] = distribution
+        for line in distribution.requires or []:
+            parsed = Requirement(line)
+            if parsed.marker is None or parsed.marker.evaluate({"extra": ""}):
+                todo.append(parsed.name)
+    return found
+
+
+def _requirements(wheel):
+    """The names of the distributions the wheel requires without extras."""
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [
+            name
+            for name in archive.namelist()
+            if name.endswith(".dist-info/METADATA")
+        ]
+        lines = archive.read(metadata).decode().splitlines()
+    requirements = [
+        Requirement(line.split(":", 1)[1])
+        for line in lines
+        if line.startswith("Requires-Dist:")
+    ]
+    return [
+        requirement.name
+        for requirement in requirements
+        if requirement.marker is None
+        or requirement.marker.evaluate({"extra": ""})
+    ]
+
+
+def _reuse_backend(python, backend, wheel, directory):
+    """Makes the environment of `python` see the installed distribution
+    `backend` and its dependencies, but for those the `wheel` requires:
+    links to their files in `directory`, on the environment's path through
+    a `.pth` file. pip counts them as installed and, as they lie outside the
+    environment, never uninstalls them."""
+    own = {}
+    for requirement in _requirements(wheel):
+        own.update(_closure(requirement))
+    directory.mkdir()
+    for key, distribution in _closure(backend).items():
+        if key in own:
+            continue
+        site = pathlib.Path(distribution.locate_file(""))
+        for path in distribution.files or []:
+            top = path.parts[0]
+            link = directory / top
+            if top in ("..", "__pycache__") or link.exists():
+                continue
+            link.symlink_to(site / top)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site_packages = _call([python, "-c", purelib], cwd=directory).strip()
+    (pathlib.Path(site_packages) / "reused_backend.pth").write_text(
+        f"{directory}\n"
+    )
