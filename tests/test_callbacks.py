@@ -47,37 +47,6 @@ def _batch_means(x):
     return [reference.batch_norm(b)["mean"] for b in np.split(x, len(x) // 8)]
 
 
-@pytest.mark.parametrize("jit_compile", COMPILE, ids=COMPILE_IDS)
-def test_step_schedule_is_followed_exactly(jit_compile):
-    """An exponential and a debiased average side by side in one model
-    (one compilation for both)."""
-    x, y = _data()
-    layers = {
-        average: keras_bn.BatchNormalization(moving_average=average)
-        for average in ("ema", "debiased")
-    }
-    inputs = keras.Input((3,))
-    outputs = [layer(inputs) for layer in layers.values()]
-    hidden = keras.layers.Concatenate()(outputs)
-    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
-    model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
-    schedule = keras_bn.callbacks.MomentumSchedule(
-        lambda step: MOMENTA[step], unit="step"
-    )
-    model.fit(
-        x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[schedule]
-    )
-    for moving_average, layer in layers.items():
-        np.testing.assert_allclose(
-            to_numpy(layer.moving_mean),
-            reference.averaged(_batch_means(x), MOMENTA, moving_average, 0.0),
-            rtol=1e-5,
-            atol=1e-7,
-            err_msg=moving_average,
-        )
-        assert layer.momentum == MOMENTA[-1]
-
-
 def test_epoch_schedule_and_its_log():
     x, y = _data(2)
     layer = keras_bn.BatchNormalization()
@@ -104,39 +73,68 @@ def test_epoch_schedule_and_its_log():
 
 
 def _compilations(jit_compile, callbacks):
-    """How often fitting the model compiles its step: the Python runs of
-    the layer's training call under JAX and TensorFlow (once per step when
-    eager), the graphs torch.compile makes on PyTorch."""
+    """Fits a model with an exponential and a debiased average side by side
+    (one compilation for both); returns how often that compiled its step
+    (the Python runs of a layer's training call under JAX and TensorFlow,
+    once per step when eager; the graphs torch.compile makes on PyTorch),
+    the layers by average, and the inputs."""
     x, y = _data()
     compiled_torch = jit_compile and keras.backend.backend() == "torch"
     if compiled_torch:
         from torch._dynamo.utils import counters
 
         before = counters["stats"]["unique_graphs"]
-        layer = keras_bn.BatchNormalization()
-    else:
-        CountingBatchNormalization.runs = 0
-        layer = CountingBatchNormalization()
-    model = _model(layer, jit_compile)
+    # The counter is state torch.compile would guard on.
+    layer_class = (
+        keras_bn.BatchNormalization
+        if compiled_torch
+        else CountingBatchNormalization
+    )
+    CountingBatchNormalization.runs = 0
+    layers = {
+        average: layer_class(moving_average=average)
+        for average in ("ema", "debiased")
+    }
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Concatenate()(
+        [layer(inputs) for layer in layers.values()]
+    )
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
     model.fit(
         x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=callbacks
     )
     if compiled_torch:
-        return counters["stats"]["unique_graphs"] - before
-    return CountingBatchNormalization.runs
+        count = counters["stats"]["unique_graphs"] - before
+    else:
+        count = CountingBatchNormalization.runs // len(layers)
+    return count, layers, x
 
 
 @pytest.mark.parametrize("jit_compile", COMPILE, ids=COMPILE_IDS)
-def test_a_schedule_compiles_nothing_more(jit_compile):
-    """A momentum that changes at every step compiles the step as often as
-    a constant one (after a first fit, which compiles what every model
-    shares on PyTorch)."""
+def test_a_schedule_is_followed_exactly_and_compiles_nothing_more(
+    jit_compile,
+):
+    """A momentum that changes at every step is followed exactly, by an
+    exponential and a debiased average alike, and compiles the step as
+    often as a constant one (after a first fit, which compiles what every
+    model shares on PyTorch)."""
     _compilations(jit_compile, [])
-    constant = _compilations(jit_compile, [])
+    constant, _, _ = _compilations(jit_compile, [])
     schedule = keras_bn.callbacks.MomentumSchedule(MOMENTA.__getitem__, "step")
-    assert _compilations(jit_compile, [schedule]) == constant
+    scheduled, layers, x = _compilations(jit_compile, [schedule])
+    assert scheduled == constant
     if jit_compile:
         assert constant < len(MOMENTA)
+    for moving_average, layer in layers.items():
+        np.testing.assert_allclose(
+            to_numpy(layer.moving_mean),
+            reference.averaged(_batch_means(x), MOMENTA, moving_average, 0.0),
+            rtol=1e-5,
+            atol=1e-7,
+            err_msg=moving_average,
+        )
+        assert layer.momentum == MOMENTA[-1]
 
 
 @pytest.mark.parametrize("jit_compile", COMPILE, ids=COMPILE_IDS)
