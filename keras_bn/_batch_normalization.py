@@ -527,7 +527,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         stddev = ops.sqrt(part.variance + self.epsilon)
         r = stddev / renorm_stddev
-        d = (part.mean - renorm_mean) / renorm_stddev
+        d = (part.mean - renorm_mean + part.residual) / renorm_stddev
         clipping = self.renorm_clipping or {}
         r = _clip(r, clipping.get("rmin"), clipping.get("rmax"))
         dmax = clipping.get("dmax")
@@ -566,7 +566,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             beta = self._broadcast(self.beta, dtype, part)
             offset = beta if offset is None else offset + beta
         if part is not None:
-            offset = _moments.shift_gradient(offset, part.mean, multiplier)
+            offset = _moments.offset_of(part, multiplier, offset)
+            if keras.backend.backend() == "jax":
+                return _moments.scale_deviations(part, multiplier) + offset
         # (x - mean) * multiplier rather than x * multiplier - mean *
         # multiplier: the latter cancels catastrophically on large offsets.
         return _multiply_add(centered, multiplier, offset)

@@ -37,7 +37,7 @@ Moments.__doc__ = """Statistics of one training batch.
 `parts` holds the statistics each sample is normalized with, as `Part`s:
 one for a single group, or one per view of a grouped layout (see
 `InputLayout`). `ungroup` takes a tensor per part, shaped like that part's
-`centered`, and returns them as one tensor in the input's layout.
+`inputs`, and returns them as one tensor in the input's layout.
 
 `batch_mean` and `batch_variance` are the averages of the groups' means and
 variances over every replica, each weighted by its number of (unmasked)
@@ -46,9 +46,17 @@ have the input's rank, with size 1 on every axis but the feature axes.
 """
 
 Part = collections.namedtuple(
-    "Part", ["mean", "variance", "centered", "feature_shape"]
+    "Part",
+    ["mean", "residual", "variance", "inputs", "centered", "feature_shape"],
 )
 Part.__doc__ = """The statistics of a tensor of groups, in a layout of its own.
+
+The mean is kept as two floats: `mean`, the sum over the count, and
+`residual`, the mean of the deviations from it. At a large offset, `mean`
+is off by up to half a unit in its last place (5e-4 at 1e4 in float32),
+and every output would carry that error; `mean + residual` is the mean to
+the input's own precision. `residual` is a constant (see `center`);
+`variance` is the mean square deviation from `mean + residual`.
 
 The grouped layout merges each run of adjacent reduced axes, and of
 adjacent kept axes, into one axis: `(groups, 32, 16, 16, 64)` reduced over
@@ -57,8 +65,10 @@ reduces a few long axes several times faster than many short ones, in the
 forward pass and in the reductions of the backward pass alike (six times
 for this one on TensorFlow).
 
-`centered` is the tensor minus `mean`, as a constant `mean` (see `center`);
-`mean` and `variance` are shaped like it with size 1 on the reduced axes.
+`inputs` is the view of the input the part normalizes, and `centered` is
+`inputs` minus `mean`, as a constant `mean` (see `center`); `mean`,
+`residual` and `variance` are shaped like it with size 1 on the reduced
+axes.
 `feature_shape` is the shape that a tensor of the feature axes (a weight)
 takes to broadcast with them.
 """
@@ -251,7 +261,7 @@ class InputLayout:
     `split` views another tensor (a mask) as the input; `total` makes a
     view's sums the sums of the whole batch, in the input's rank; `parts`
     gives the parts the input is normalized with; and `ungroup` takes a
-    tensor per part, shaped like its `centered`, and returns them as one
+    tensor per part, shaped like its `inputs`, and returns them as one
     tensor in the input's layout.
     """
 
@@ -352,7 +362,9 @@ class SpreadGroups(RaggedGroups):
         return [
             Part(
                 mean,
+                spread("residual"),
                 spread("variance"),
+                self.x,
                 center(self.x, mean),
                 self.statistics_shape,
             )
@@ -398,22 +410,49 @@ def _group_moments(x, axes, mask, grouped, group_sum, unbiased=False):
             values = ops.where(mask, values, 0)
         return ops.sum(values, axis=axes, keepdims=True)
 
-    sums = masked_sum(x)
     if mask is None:
         elements = 1
         for axis in axes:
             elements *= ops.shape(x)[axis]
+        sums = ops.sum(x, axis=axes, keepdims=True)
         counts = ops.ones_like(sums) * ops.cast(elements, x.dtype)
+        sums, counts = _replica_sum(group_sum, (sums, counts))
+        safe_counts = _at_least_one(counts)
+        mean = sums / safe_counts
     else:
         counts = ops.sum(ops.cast(mask, x.dtype), axes, keepdims=True)
-        counts = ops.broadcast_to(counts, ops.shape(sums))
-    sums, counts = _replica_sum(group_sum, (sums, counts))
-    safe_counts = _at_least_one(counts)
-    mean = sums / safe_counts
+        counts = ops.broadcast_to(counts, _kept(x, axes))
+        (counts,) = _replica_sum(group_sum, (counts,))
+        safe_counts = _at_least_one(counts)
+        # A sum of `x / count` rather than a sum divided by the count: the
+        # output of a reduction, which every use reads as it is. XLA on CPU
+        # computes `sum * (1 / count)` again in each fused loop that uses
+        # it, and contracts `x - sum * (1 / count)` into a fused
+        # multiply-add, which does not round the mean: the deviations would
+        # be from a mean one unit in its last place away from the one
+        # `residual` corrects. (With a count known when compiling, the
+        # mean is a reduction and a product by a constant, computed once.)
+        (mean,) = _replica_sum(group_sum, (masked_sum(x / safe_counts),))
+        sums = mean * counts
     centered = center(x, mean)
-    squares = masked_sum(centered * centered)
-    (squares,) = _replica_sum(group_sum, (squares,))
-    part = Part(mean, squares / safe_counts, centered, feature_shape)
+    # One masked copy feeds both sums: XLA then materializes no second
+    # tensor of the input's size for them.
+    kept = centered if mask is None else ops.where(mask, centered, 0)
+    deviations = ops.sum(kept, axis=axes, keepdims=True)
+    squares = ops.sum(kept * kept, axis=axes, keepdims=True)
+    deviations, squares = _replica_sum(group_sum, (deviations, squares))
+    residual = deviations / safe_counts
+    # Squares about `mean + residual`; the gradient of `residual` here is
+    # the variance's own (its gradient with respect to the mean is zero).
+    squares = squares - deviations * residual
+    part = Part(
+        mean,
+        ops.stop_gradient(residual),
+        squares / safe_counts,
+        x,
+        centered,
+        feature_shape,
+    )
     if unbiased:
         one = ops.ones_like(counts)
         squares = squares * counts / ops.where(counts > 1, counts - 1, one)
@@ -477,6 +516,58 @@ def shift_gradient(offset, mean, multiplier):
     """
     zero = (mean - ops.stop_gradient(mean)) * multiplier
     return -zero if offset is None else offset - zero
+
+
+def offset_of(part, multiplier, offset=None):
+    """The offset of `part.centered * multiplier + offset_of(...)`, the
+    normalization of `part` with the exact mean `mean + residual`, given
+    that of the one with the exact mean (`offset`, `None` for zero).
+
+    The residual goes into the offset, `-residual * multiplier`, a tensor of
+    the statistics' shape: at no cost in the input's size, and with no
+    cancellation (the residual is much smaller than the deviations). The
+    mean gets its gradient through it too (`shift_gradient`).
+    """
+    correction = part.residual * multiplier
+    offset = -correction if offset is None else offset - correction
+    return shift_gradient(offset, part.mean, multiplier)
+
+
+def scale_deviations(part, multiplier):
+    """`part.centered * multiplier`, with a backward pass that computes the
+    deviations of `part.inputs` from `part.mean` again.
+
+    XLA keeps a tensor that the forward pass makes and the backward pass
+    reads for as long as between the two: the deviations, which the
+    multiplier's gradient `sum(upstream * centered)` reads, would be one
+    more tensor of the input's size per batch normalization, kept through
+    the whole backward pass (1.4 times the memory of Keras's layer on
+    whole networks, on JAX). Computed again from `inputs` (which the
+    network keeps anyway) inside that reduction, they are never stored.
+    """
+    inputs, multiplier_shape = part.inputs, multiplier.shape
+    reduced = [axis for axis, size in enumerate(multiplier_shape) if size == 1]
+
+    @ops.custom_gradient
+    def product(inputs, mean, multiplier):
+        def gradients(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            # The same mean, plus a zero computed from `upstream`: a value
+            # XLA cannot merge with the forward pass's mean (it would then
+            # reuse, and keep, the forward pass's deviations) nor compute
+            # before the backward pass.
+            total = ops.sum(upstream, axis=reduced, keepdims=True)
+            shift = mean + 0.0 * total
+            return (
+                upstream * multiplier,
+                ops.zeros_like(mean),
+                ops.sum(upstream * (inputs - shift), reduced, keepdims=True),
+            )
+
+        return (inputs - mean) * multiplier, gradients
+
+    return product(inputs, ops.stop_gradient(part.mean), multiplier)
 
 
 def _at_least_one(counts):

@@ -40,13 +40,29 @@ def _layout(x, axis, mask):
 def _group_moments(x, mask, reduce):
     """Two-pass mean and variance of x over `reduce`, counting only the
     positions where mask (of x's shape) is True."""
+    mean, variance, count, _ = _group_deviations(x, mask, reduce)
+    return mean, variance, count
+
+
+def _group_deviations(x, mask, reduce):
+    """`_group_moments`, and `x` minus the mean. The mean is the float64
+    sum over the count, corrected by the mean deviation from it, and the
+    deviations are from both: at an offset of 1e8, float64 rounds the mean
+    by up to 7e-9, which a reference for float64 layers cannot carry."""
     weights = np.broadcast_to(mask, x.shape).astype(np.float64)
     count = weights.sum(axis=reduce, keepdims=True)
     safe = np.maximum(count, 1.0)
-    mean = np.where(weights > 0, x, 0.0).sum(axis=reduce, keepdims=True) / safe
-    deviation = np.where(weights > 0, x - mean, 0.0)
-    variance = (deviation**2).sum(axis=reduce, keepdims=True) / safe
-    return mean, variance, count
+
+    def masked_mean(values):
+        return (
+            np.where(weights > 0, values, 0.0).sum(reduce, keepdims=True) / safe
+        )
+
+    mean = masked_mean(x)
+    residual = masked_mean(x - mean)
+    centered = (x - mean) - residual
+    variance = masked_mean(centered**2)
+    return mean + residual, variance, count, centered
 
 
 def batch_norm(
@@ -98,9 +114,11 @@ def batch_norm(
     total_count = 0.0
     for start in range(0, batch, size):
         rows = slice(start, min(start + size, batch))
-        mean, variance, count = _group_moments(x[rows], mask[rows], reduce)
+        mean, variance, count, centered = _group_deviations(
+            x[rows], mask[rows], reduce
+        )
         stddev = np.sqrt(variance + epsilon)
-        normalized = (x[rows] - mean) / stddev
+        normalized = centered / stddev
         # The mean's rounding scales with its terms, the |x| of its group.
         mean_terms, _, _ = _group_moments(np.abs(x[rows]), mask[rows], reduce)
         d_terms = 0.0
@@ -199,9 +217,11 @@ def batch_norm_gradients(
         gradients[name] = 0.0
     for group, start in enumerate(range(0, batch, size)):
         rows = slice(start, min(start + size, batch))
-        mean, variance, count = _group_moments(x[rows], mask[rows], reduce)
+        mean, variance, count, centered = _group_deviations(
+            x[rows], mask[rows], reduce
+        )
         inv = 1.0 / np.sqrt(variance + epsilon)
-        xhat = (x[rows] - mean) * inv
+        xhat = centered * inv
         r, d = (1.0, 0.0) if corrections is None else corrections[group]
         dy = upstream[rows]
         weights = np.broadcast_to(mask[rows], dy.shape) / np.maximum(count, 1)

@@ -37,6 +37,8 @@ LAYER_TESTS = (
     "tests/test_moments.py",
     "tests/test_keras_suite.py",
     "tests/test_properties.py",
+    "tests/test_large_offsets.py",
+    "tests/test_memory.py",
 )
 # Minutes each suite took in a fresh-clone CI run on a 2-core x86-64 CPU
 # (2026-12-03): the
