@@ -159,13 +159,14 @@ def test_multiprocess_benchmark_counts(tmp_path, backend):
     gradients = max(bare) + 2 * c * layers
     if backend == "jax":
         assert sorted(synchronized) == sorted(
-            [c] * 2 * layers + [2 * c] * layers + [max(bare)]
+            [c] * 2 * layers + [2 * c] * 2 * layers + [max(bare)]
         )
         # XLA merges the moving statistics into the gradients' all-reduce.
         assert local == [gradients + 2 * c * layers]
     else:
+        # Sums and counts, then deviations and squares; their gradients.
         assert sorted(synchronized) == sorted(
-            [c, 2 * c] * 2 * layers + [gradients]
+            [2 * c] * 4 * layers + [gradients]
         )
         # One all-reduce per layer: sums, squares and counts stacked.
         assert sorted(local) == sorted([3 * c] * layers + [gradients])
