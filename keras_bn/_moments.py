@@ -430,8 +430,9 @@ def _group_moments(x, axes, mask, grouped, group_sum, unbiased=False):
         # it, and contracts `x - sum * (1 / count)` into a fused
         # multiply-add, which does not round the mean: the deviations would
         # be from a mean one unit in its last place away from the one
-        # `residual` corrects. (With a count known when compiling, the
-        # mean is a reduction and a product by a constant, computed once.)
+        # `residual` corrects. (An unmasked count is a constant, and there
+        # every use read the same quotient; `sum(x / count)` would make XLA
+        # materialize that constant at the input's size.)
         (mean,) = _replica_sum(group_sum, (masked_sum(x / safe_counts),))
         sums = mean * counts
     centered = center(x, mean)
@@ -519,9 +520,9 @@ def shift_gradient(offset, mean, multiplier):
 
 
 def offset_of(part, multiplier, offset=None):
-    """The offset of `part.centered * multiplier + offset_of(...)`, the
-    normalization of `part` with the exact mean `mean + residual`, given
-    that of the one with the exact mean (`offset`, `None` for zero).
+    """The offset that makes `part.centered * multiplier + offset_of(...)`
+    the normalization of `part` about its exact mean `mean + residual`, for
+    `offset`, the offset about the exact mean (`None` for zero).
 
     The residual goes into the offset, `-residual * multiplier`, a tensor of
     the statistics' shape: at no cost in the input's size, and with no
@@ -545,8 +546,7 @@ def scale_deviations(part, multiplier):
     whole networks, on JAX). Computed again from `inputs` (which the
     network keeps anyway) inside that reduction, they are never stored.
     """
-    inputs, multiplier_shape = part.inputs, multiplier.shape
-    reduced = [axis for axis, size in enumerate(multiplier_shape) if size == 1]
+    reduced = [axis for axis, size in enumerate(multiplier.shape) if size == 1]
 
     @ops.custom_gradient
     def product(inputs, mean, multiplier):
@@ -567,7 +567,7 @@ def scale_deviations(part, multiplier):
 
         return (inputs - mean) * multiplier, gradients
 
-    return product(inputs, ops.stop_gradient(part.mean), multiplier)
+    return product(part.inputs, ops.stop_gradient(part.mean), multiplier)
 
 
 def _at_least_one(counts):
