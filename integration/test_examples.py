@@ -26,7 +26,7 @@ TINY = ["--epochs", "1", "--limit", "48", "--batch-size", "16"]
 SCRIPTS = {
     "compare": ([], ["curves.png"], 4),
     "large_batch_ghost_bn": (
-        ["--repeats", "1", "--large-batch-size", "32", "--width", "4"],
+        ["--repeats", "1", "--large-batch-size", "48", "--width", "4"],
         ["curves.png"],
         3,
     ),

@@ -4,6 +4,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 from keras import constraints
 from keras import initializers
 from keras import ops
@@ -118,7 +119,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             Defaults to `False`.
         renorm_clipping: Optional dict with keys among `"rmax"`, `"rmin"`,
             `"dmax"`, clipping `r` to `[rmin, rmax]` and `d` to
-            `[-dmax, dmax]`. Missing keys do not clip. Defaults to `None`.
+            `[-dmax, dmax]`, with `rmax >= 1 >= rmin` and `dmax >= 0`.
+            Missing keys do not clip. Only with `renorm=True`. Defaults to
+            `None`.
         renorm_momentum: Float in `[0, 1]`, the momentum of the renorm moving
             statistics. Defaults to `0.99`.
         virtual_batch_size: Optional positive integer, the number of samples
@@ -161,8 +164,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             when it has the input's rank (for a channels-first input
             `(batch, channels, steps)`, a mask of steps is
             `(batch, 1, steps)`). `False` positions are left out of the
-            statistics; a mask that varies along the feature axes gives
-            each feature a count of its own.
+            statistics (a mask of numbers keeps its nonzero positions, each
+            with the same weight); a mask that varies along the feature
+            axes gives each feature a count of its own.
 
     Example:
 
@@ -217,8 +221,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             raise ValueError(
                 f"`epsilon` must be positive. Received: epsilon={epsilon}"
             )
-        self.center = bool(center)
-        self.scale = bool(scale)
+        self.center = _boolean("center", center)
+        self.scale = _boolean("scale", scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -230,8 +234,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.synchronized = _standardize_synchronized(synchronized)
-        self.renorm = bool(renorm)
+        self.renorm = _boolean("renorm", renorm)
         self.renorm_clipping = _standardize_renorm_clipping(renorm_clipping)
+        if self.renorm_clipping is not None and not self.renorm:
+            raise ValueError(
+                "`renorm_clipping` clips batch renormalization's corrections "
+                "and means nothing without `renorm=True`. Received: "
+                f"renorm_clipping={renorm_clipping!r} with renorm=False"
+            )
         self.renorm_momentum = renorm_momentum
         self.virtual_batch_size = _standardize_virtual_batch_size(
             virtual_batch_size
@@ -247,7 +257,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.moving_average = _one_of(
             "moving_average", moving_average, _MOVING_AVERAGES
         )
-        self.bessel_correction = bool(bessel_correction)
+        self.bessel_correction = _boolean(
+            "bessel_correction", bessel_correction
+        )
         self.supports_masking = True
         # Set by `keras_bn.recalibrate` while it runs: where the training
         # branch reports its batch statistics instead of updating the
@@ -865,15 +877,39 @@ def _standardize_renorm_clipping(clipping):
             f"{sorted(unknown)}; the supported keys are "
             f"{_RENORM_CLIPPING_KEYS}. Received: renorm_clipping={clipping}"
         )
+    for key, value in clipping.items():
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(
+                f"{key} should be a finite number or None in the "
+                f"`renorm_clipping` argument. Received: renorm_clipping="
+                f"{clipping!r}"
+            )
     clipping = {
         key: None if value is None else float(value)
         for key, value in clipping.items()
     }
     rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
+    # r = batch stddev / moving stddev and d = (batch mean - moving mean) /
+    # moving stddev are 1 and 0 when the statistics agree: a range that
+    # excludes them would not clip the corrections but replace them.
     if rmin is not None and rmax is not None and rmax < rmin:
         raise ValueError(
             "rmax should be greater than rmin in the `renorm_clipping` "
             f"argument. Received: renorm_clipping={clipping}"
+        )
+    if rmax is not None and rmax < 1:
+        raise ValueError(
+            "rmax should be at least 1 in the `renorm_clipping` argument. "
+            f"Received: renorm_clipping={clipping}"
+        )
+    if rmin is not None and rmin > 1:
+        raise ValueError(
+            "rmin should be at most 1 in the `renorm_clipping` argument. "
+            f"Received: renorm_clipping={clipping}"
         )
     if dmax is not None and dmax < 0:
         raise ValueError(
@@ -881,3 +917,12 @@ def _standardize_renorm_clipping(clipping):
             f"argument. Received: renorm_clipping={clipping}"
         )
     return clipping
+
+
+def _boolean(name, value):
+    """`value` if it is a bool (Python's or NumPy's): `bool("no")` is True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"`{name}` must be True or False. Received: {name}={value!r}"
+        )
+    return bool(value)

@@ -64,9 +64,14 @@ def convert(model, **layer_kwargs):
         if type(layer) is keras.layers.BatchNormalization or (
             layer_kwargs and isinstance(layer, BatchNormalization)
         ):
-            return BatchNormalization.from_config(
-                {**layer.get_config(), **layer_kwargs}
-            )
+            config = {**layer.get_config(), **layer_kwargs}
+            if not config.get("renorm") and "renorm_clipping" not in (
+                layer_kwargs
+            ):
+                # Keras's layer keeps a clipping it never applies, which
+                # keras-bn's refuses without renorm: the same computation.
+                config["renorm_clipping"] = None
+            return BatchNormalization.from_config(config)
         return None
 
     return _rebuild(model, replace, "convert")

@@ -3,6 +3,7 @@
 import keras
 
 from keras_bn._batch_normalization import BatchNormalization
+from keras_bn._batch_normalization import _boolean
 from keras_bn._model_tools import _all_layers
 
 _UNITS = ("epoch", "step")
@@ -57,7 +58,7 @@ class MomentumSchedule(keras.callbacks.Callback):
             )
         self.schedule = schedule
         self.unit = unit
-        self.renorm = bool(renorm)
+        self.renorm = _boolean("renorm", renorm)
         self.step = 0
         self.layers = []
 

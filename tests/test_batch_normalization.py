@@ -838,6 +838,26 @@ def test_masked_positions_are_ignored():
     )
 
 
+def test_a_mask_of_numbers_is_read_as_booleans():
+    """A mask of numbers keeps the positions where it is not zero, each
+    with the same weight, as in Keras's layer since Keras 3.15 (which
+    weighted them by the value before): fractions are not weights."""
+    x = _normal((6, 3), loc=1.0, scale=2.0)
+    numbers = np.array([1.0, 0.5, 0.25, 1.0, 0.0, 2.0], "float32")
+    kept = numbers != 0
+    expected = reference.batch_norm(x, mask=kept[:, None])["outputs"]
+    layer = keras_bn.BatchNormalization()
+    outputs = to_numpy(layer(x, training=True, mask=numbers))
+    np.testing.assert_allclose(outputs, expected, rtol=RTOL, atol=ATOL)
+    weighted_mean = (numbers @ x) / numbers.sum()
+    assert not np.allclose(
+        to_numpy(layer.moving_mean), 0.01 * weighted_mean, rtol=1e-3
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), 0.01 * x[kept].mean(0), rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
 def test_empty_ghost_batch_and_empty_batch(renorm):
     layer = keras_bn.BatchNormalization(
@@ -1216,6 +1236,35 @@ BAD_ARGUMENTS = {
         {"renorm": True, "renorm_clipping": {"dmax": -1.0}},
         "dmax should be non-negative.*'dmax': -1.0",
     ),
+    "renorm_clipping_rmax_below_one": (
+        {"renorm": True, "renorm_clipping": {"rmax": 0.5}},
+        "rmax should be at least 1.*'rmax': 0.5",
+    ),
+    "renorm_clipping_rmin_above_one": (
+        {"renorm": True, "renorm_clipping": {"rmin": 1.5, "rmax": 2.0}},
+        "rmin should be at most 1.*'rmin': 1.5",
+    ),
+    "renorm_clipping_infinite": (
+        {"renorm": True, "renorm_clipping": {"dmax": float("inf")}},
+        "dmax should be a finite number.*'dmax': inf",
+    ),
+    "renorm_clipping_nan": (
+        {"renorm": True, "renorm_clipping": {"rmax": float("nan")}},
+        "rmax should be a finite number.*'rmax': nan",
+    ),
+    "renorm_clipping_string": (
+        {"renorm": True, "renorm_clipping": {"rmax": "3"}},
+        "rmax should be a finite number.*'rmax': '3'",
+    ),
+    "renorm_clipping_without_renorm": (
+        {"renorm_clipping": {"rmax": 2.0}},
+        r"renorm=True.*renorm_clipping=\{'rmax': 2.0\} with renorm=False",
+    ),
+    **{
+        f"{name}_{kind}": ({name: value}, f"{name}={value!r}")
+        for name in ("center", "scale", "renorm", "bessel_correction")
+        for kind, value in (("string", "yes"), ("int", 1), ("none", None))
+    },
 }
 
 
@@ -1225,6 +1274,14 @@ BAD_ARGUMENTS = {
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         keras_bn.BatchNormalization(**kwargs)
+
+
+def test_numpy_booleans_are_booleans():
+    layer = keras_bn.BatchNormalization(
+        center=np.bool_(False), renorm=np.bool_(True)
+    )
+    assert layer.center is False and layer.renorm is True
+    assert layer.get_config()["center"] is False
 
 
 BAD_BUILDS = {

@@ -249,6 +249,7 @@ def test_schedule_refuses_keras_layers():
     [
         ({"schedule": 0.9}, "schedule=0.9"),
         ({"schedule": abs, "unit": "batch"}, "unit='batch'"),
+        ({"schedule": abs, "renorm": "yes"}, "renorm='yes'"),
     ],
 )
 def test_invalid_schedule(kwargs, match):

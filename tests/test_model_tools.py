@@ -428,6 +428,30 @@ def test_convert_and_revert_round_trip(tmp_path):
     _save_as_plain_keras(reverted, tmp_path / "reverted.keras")
 
 
+def test_convert_drops_a_clipping_keras_never_applies():
+    """Keras's layer accepts `renorm_clipping` without renorm and ignores
+    it; keras-bn's refuses it, so `convert` leaves it out (the same
+    outputs), unless the conversion turns renorm on."""
+    x = _normal((8, 3), loc=2.0)
+    clipping = {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.BatchNormalization(renorm_clipping=clipping),
+        ]
+    )
+    (layer,) = _batch_norms(keras_bn.convert(model))
+    assert layer.renorm_clipping is None and not layer.renorm
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)),
+        to_numpy(model(x, training=True)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    (layer,) = _batch_norms(keras_bn.convert(model, renorm=True))
+    assert layer.renorm and layer.renorm_clipping == clipping
+
+
 def test_convert_sequential_with_nested_backbone():
     x = _normal((8, 6, 6, 3))
     keras.utils.set_random_seed(1)
