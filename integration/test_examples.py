@@ -1,11 +1,14 @@
 """Every example runs end to end on every backend, with tiny settings, on
-scikit-learn's digits as a user would run it; and each example on `mnist`
+scikit-learn's digits as a user would run it (the four of a backend one
+after another in one process, `examples_worker.py`, which imports Keras
+once for them); and each example on `mnist`
 through `tfds.testing.mock_data` (`tfds_worker.py`), on every backend
 among them. Its metrics must be there and
 finite, its pictures valid PNG files. Without the data, a tensorflow-datasets
 example says how to provide it, without a traceback.
 """
 
+import functools
 import importlib.util
 import json
 import math
@@ -19,6 +22,7 @@ import pytest
 BACKENDS = ("tensorflow", "jax", "torch")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "integration" / "tfds_worker.py"
+EXAMPLES_WORKER = ROOT / "integration" / "examples_worker.py"
 EXAMPLES = ROOT / "examples"
 TINY = ["--epochs", "1", "--limit", "48", "--batch-size", "16"]
 # Example: (extra arguments, the pictures it writes, the number of models
@@ -129,22 +133,57 @@ RUNS = [
 ] + [(example, backend, "mnist") for example, backend in TFDS_BACKENDS.items()]
 
 
+@pytest.fixture(scope="module", name="digits")
+def digits_fixture(tmp_path_factory):
+    """`digits(backend)`: runs every example on digits on `backend`, in one
+    process, once; returns each example's output folder, exit code and
+    standard output, by example."""
+
+    @functools.cache
+    def digits(backend):
+        directory = tmp_path_factory.mktemp(f"digits-{backend}")
+        runs = [
+            [
+                example,
+                [str(EXAMPLES / f"{example}.py"), *TINY, *extra]
+                + ["--output-dir", str(directory / example)],
+            ]
+            for example, (extra, _, _) in SCRIPTS.items()
+        ]
+        result = _run(backend, [str(EXAMPLES_WORKER), json.dumps(runs)])
+        assert result.returncode == 0, result.stderr[-4000:]
+        found = {}
+        for section in result.stdout.split("=== start ")[1:]:
+            example, output = section.split("\n", 1)
+            last = output.rstrip().rsplit("\n", 1)[-1].split()
+            assert last[:3] == ["===", "exit", example], output[-2000:]
+            found[example] = (directory / example, int(last[3]), output)
+        assert list(found) == list(SCRIPTS), result.stdout[-2000:]
+        return found, result.stderr
+
+    return digits
+
+
 @pytest.mark.parametrize(
     "example,backend,dataset", RUNS, ids=["-".join(run) for run in RUNS]
 )
-def test_example(tmp_path, example, backend, dataset):
+def test_example(tmp_path, digits, example, backend, dataset):
     extra, pictures, models = SCRIPTS[example]
-    arguments = [*TINY, *extra, "--output-dir", str(tmp_path)]
-    script = str(EXAMPLES / f"{example}.py")
     if dataset == "digits":
-        command = [script, *arguments]
+        found, stderr = digits(backend)
+        directory, code, stdout = found[example]
+        # The process's error output, from this example's start on.
+        stderr = stderr.split(f"=== start {example}\n", 1)[-1]
     else:
-        command = [str(WORKER), "mock", script, "--dataset", dataset]
-        command += arguments
-    result = _run(backend, command)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "| --- |" in result.stdout, result.stdout[-2000:]
-    _check_outputs(tmp_path, backend, pictures, models)
+        directory = tmp_path
+        arguments = [*TINY, *extra, "--output-dir", str(tmp_path)]
+        command = [str(WORKER), "mock", str(EXAMPLES / f"{example}.py")]
+        command += ["--dataset", dataset, *arguments]
+        result = _run(backend, command)
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert code == 0, stderr[-4000:]
+    assert "| --- |" in stdout, stdout[-2000:]
+    _check_outputs(directory, backend, pictures, models)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -294,6 +294,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         ]
         shape = tuple(input_shape[axis] for axis in self._feature_axes)
 
+        # The statistics in float32 whatever the policy (float64 under a
+        # float64 one): an update `(1 - momentum) * (batch - moving)` falls
+        # below a 16-bit float's resolution, and the average stalls.
+        statistics = _statistics_dtype(self.variable_dtype)
         if self.scale:
             self.gamma = self.add_weight(
                 shape=shape,
@@ -319,6 +323,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             name="moving_mean",
             initializer=self.moving_mean_initializer,
             trainable=False,
+            dtype=statistics,
             autocast=False,
         )
         self.moving_variance = self.add_weight(
@@ -326,6 +331,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             name="moving_variance",
             initializer=self.moving_variance_initializer,
             trainable=False,
+            dtype=statistics,
             autocast=False,
         )
         if self.renorm:
@@ -339,6 +345,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 name="moving_stddev",
                 initializer=stddev_initializer,
                 trainable=False,
+                dtype=statistics,
                 autocast=False,
             )
             self.renorm_mean = self.add_weight(
@@ -346,6 +353,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 name="renorm_mean",
                 initializer=self.moving_mean_initializer,
                 trainable=False,
+                dtype=statistics,
                 autocast=False,
             )
             self.renorm_stddev = self.add_weight(
@@ -353,6 +361,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 name="renorm_stddev",
                 initializer=stddev_initializer,
                 trainable=False,
+                dtype=statistics,
                 autocast=False,
             )
         if self.moving_average != "ema":
@@ -363,6 +372,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 name="moving_weight",
                 initializer="zeros",
                 trainable=False,
+                dtype=statistics,
                 autocast=False,
             )
         # Read by the training step when it runs: a new value takes effect
@@ -717,6 +727,13 @@ def standardize_mask(mask, inputs):
             f"mask.shape={received}, inputs.shape={tuple(inputs.shape)}"
         )
     return ops.cast(mask, "bool")
+
+
+def _statistics_dtype(variable_dtype):
+    """float32 for the moving statistics, float64 for a float64 layer."""
+    if keras.backend.standardize_dtype(variable_dtype) == "float64":
+        return "float64"
+    return "float32"
 
 
 def _no_data(mean, variance, count):

@@ -981,6 +981,64 @@ def test_mixed_precision(policy):
     assert keras.backend.standardize_dtype(inference.dtype) == half
 
 
+@pytest.mark.parametrize("policy", ["bfloat16", "float16"])
+def test_full_16_bit_policies_keep_float32_statistics(policy):
+    """Under a 16-bit policy the statistics are float32 variables: an
+    update `0.001 * (batch - moving)` is below bfloat16's resolution, and
+    1000 steps at momentum 0.999 stall 48 % short of the average in
+    bfloat16 variables (Keras's layer)."""
+    steps, batch = 1000, 8
+    rng = np.random.default_rng(0)
+    means = np.array([3.0, -1.0, 10.0, 0.1])
+    x = (means + 2.0 * rng.normal(size=(steps * batch, 4))).astype(policy)
+    layer = keras_bn.BatchNormalization(momentum=0.999, dtype=policy)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(x, x, batch_size=batch, shuffle=False, verbose=0)
+    for weight in layer.non_trainable_weights:
+        assert keras.backend.standardize_dtype(weight.dtype) == "float32"
+    assert keras.backend.standardize_dtype(layer.gamma.dtype) == policy
+    assert keras.backend.standardize_dtype(model(x[:2]).dtype) == policy
+    expected_mean, expected_variance = np.zeros(4), np.ones(4)
+    for batch_x in x.astype("float64").reshape(steps, batch, 4):
+        expected_mean = 0.999 * expected_mean + 0.001 * batch_x.mean(0)
+        expected_variance = 0.999 * expected_variance + 0.001 * batch_x.var(0)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), expected_mean, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), expected_variance, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "mixed_float16"])
+def test_weights_of_keras_layer_under_16_bit_policy_load(tmp_path, policy):
+    """Keras's layer stores its statistics in the policy's variable dtype:
+    its files load into keras-bn's float32 statistics, value for value."""
+    x = _normal((16, 3), loc=2.0, scale=3.0).astype(policy.split("_")[-1])
+
+    def model(batch_norm):
+        return keras.Sequential(
+            [keras.Input((3,)), batch_norm(momentum=0.5, dtype=policy)]
+        )
+
+    original = model(keras.layers.BatchNormalization)
+    original(x, training=True)
+    original.save_weights(tmp_path / "keras.weights.h5")
+    loaded = model(keras_bn.BatchNormalization)
+    loaded.load_weights(tmp_path / "keras.weights.h5")
+    for mine, theirs in zip(loaded.weights, original.weights, strict=True):
+        np.testing.assert_array_equal(
+            to_numpy(mine), to_numpy(ops.cast(theirs, mine.dtype))
+        )
+    np.testing.assert_allclose(
+        to_numpy(ops.cast(loaded(x), "float32")),
+        to_numpy(ops.cast(original(x), "float32")),
+        rtol=1e-2,
+        atol=1e-2,
+    )
+
+
 def test_float16_inputs_near_the_limit_stay_finite():
     layer = keras_bn.BatchNormalization(dtype="mixed_float16")
     x = np.random.default_rng(0).uniform(-6e4, 6e4, (64, 3)).astype("float16")
