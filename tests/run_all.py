@@ -45,7 +45,7 @@ LAYER_TESTS = (
 # order in which the suites start, longest first, so that the last one to
 # start is a short one. A suite missing here starts last.
 MINUTES = {
-    "integration/test_examples.py": 10.8,
+    "integration/test_examples.py": 6.5,
     "integration/test_benchmarks.py": 8.4,
     "jax-layer": 7.7,
     "torch-tools": 7.7,
