@@ -14,13 +14,26 @@ import numpy as np
 from keras_bn._batch_normalization import BatchNormalization
 
 _BATCH_NORMS = (keras.layers.BatchNormalization, BatchNormalization)
-_FOLDABLE = (
-    keras.layers.Dense,
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.DepthwiseConv2D,
-)
+# The layers a following batch norm folds into, with the index of the
+# kernel that makes their output channels among their weights, and how a
+# per-channel multiplier takes that kernel's shape (after which the bias
+# comes): output channels last; a depthwise kernel's channel `c` and
+# multiplier `m` make output channel `c * depth_multiplier + m`; a
+# transposed convolution's kernel is `(..., outputs, inputs)`; a separable
+# convolution's pointwise kernel makes its outputs.
+_FOLDABLE = {
+    keras.layers.Dense: (0, "last"),
+    keras.layers.Conv1D: (0, "last"),
+    keras.layers.Conv2D: (0, "last"),
+    keras.layers.Conv3D: (0, "last"),
+    keras.layers.DepthwiseConv1D: (0, "depthwise"),
+    keras.layers.DepthwiseConv2D: (0, "depthwise"),
+    keras.layers.SeparableConv1D: (1, "last"),
+    keras.layers.SeparableConv2D: (1, "last"),
+    keras.layers.Conv1DTranspose: (0, "transposed"),
+    keras.layers.Conv2DTranspose: (0, "transposed"),
+    keras.layers.Conv3DTranspose: (0, "transposed"),
+}
 # Arguments of keras_bn's layer that Keras's layer does not have.
 _KERAS_BN_ONLY_KEYS = (
     "virtual_batch_size",
@@ -133,9 +146,12 @@ def revert(model):
 def fold(model):
     """Returns an inference copy of `model` with batch norm folded away.
 
-    A batch-norm layer whose only input is a `Dense`, `Conv1D`, `Conv2D`,
-    `Conv3D` or `DepthwiseConv2D` layer with a linear activation, whose
-    output nothing else uses, is folded into that layer's kernel and bias
+    A batch-norm layer whose only input is a `Dense` layer or a convolution
+    (`Conv1D` to `Conv3D`, `DepthwiseConv1D` and `DepthwiseConv2D`,
+    `SeparableConv1D` and `SeparableConv2D`, whose pointwise kernel it
+    folds into, and `Conv1DTranspose` to `Conv3DTranspose`) with a linear
+    activation, whose output nothing else uses, is folded into that
+    layer's kernel and bias
     (a bias is added where there was none) and removed (in a Sequential
     model, replaced by a `keras.layers.Identity`). Other batch-norm layers
     stay as they are. The folding uses the moving statistics, so the new
@@ -269,6 +285,10 @@ def _rebuild(model, replace, name, weights_of=None, call_function=None):
     def clone_new(layer):
         if isinstance(layer, keras.Model):
             return clone_model(layer)
+        if not isinstance(layer, keras.layers.Layer):
+            # An operation of the functional graph that is not a layer
+            # (`x + 3`, `keras.ops.mean(x)`): no weights, no batch norm.
+            return layer.__class__.from_config(layer.get_config())
         new = replace(layer)
         if new is None:
             _check_no_hidden_batch_norm(layer, name)
@@ -320,9 +340,12 @@ def _calls(model):
     config = model.get_config()
     if "layers" not in config:
         return {}
+    # The graph's operations that are not layers (`x + 3`) are left out.
+    layers = {layer.name: layer for layer in model.layers}
     return {
-        id(model.get_layer(entry["name"])): len(entry.get("inbound_nodes", []))
+        id(layers[entry["name"]]): len(entry.get("inbound_nodes", []))
         for entry in config["layers"]
+        if entry["name"] in layers
     }
 
 
@@ -357,13 +380,15 @@ def _foldable_pairs(model):
     for output in _output_names(config.get("output_layers", [])):
         consumers[output] = consumers.get(output, 0) + 1
     pairs = {}
+    layers = {layer.name: layer for layer in model.layers}
     for layer in model.layers:
         if not _is_batch_norm(layer) or layer.name not in sources:
             continue
         producer_name = sources[layer.name]
-        if consumers.get(producer_name) != 1:
+        # The producer may be an operation that is not a layer (`x + 3`).
+        if consumers.get(producer_name) != 1 or producer_name not in layers:
             continue
-        producer = model.get_layer(producer_name)
+        producer = layers[producer_name]
         if _can_fold(layer, producer):
             pairs[id(layer)] = (layer, producer)
     return pairs
@@ -393,9 +418,11 @@ def _keras_histories(structure):
 
 
 def _can_fold(bn, producer):
-    if not isinstance(producer, _FOLDABLE):
+    if _foldable_class(producer) is None:
         return False
-    if getattr(producer, "lora_enabled", False):
+    if getattr(producer, "lora_enabled", False) or getattr(
+        producer, "quantization_mode", None
+    ):
         return False
     if keras.activations.serialize(producer.activation) != "linear":
         return False
@@ -423,20 +450,31 @@ def _folded_weights(producer, bn):
     offset = -mean * multiplier
     if bn.center:
         offset = offset + bn.beta.numpy().astype("float64")
+    index, layout = _FOLDABLE[_foldable_class(producer)]
     weights = producer.get_weights()
-    kernel = weights[0].astype("float64")
+    kernel = weights[index].astype("float64")
     bias = (
-        weights[1].astype("float64")
+        weights[index + 1].astype("float64")
         if producer.use_bias
         else np.zeros(multiplier.shape)
     )
-    if isinstance(producer, keras.layers.DepthwiseConv2D):
-        # Output channel c * depth_multiplier + m comes from kernel[..., c, m].
-        kernel = kernel * multiplier.reshape(kernel.shape[-2:])
-    else:
-        kernel = kernel * multiplier
-    dtype = weights[0].dtype
+    shape = {
+        "last": multiplier.shape,
+        "depthwise": kernel.shape[-2:],
+        "transposed": multiplier.shape + (1,),
+    }[layout]
+    kernel = kernel * multiplier.reshape(shape)
+    dtype = weights[index].dtype
     return [
+        *weights[:index],
         kernel.astype(dtype),
         (bias * multiplier + offset).astype(dtype),
     ]
+
+
+def _foldable_class(layer):
+    """The class of `_FOLDABLE` that `layer` is an instance of, or None."""
+    for cls in type(layer).__mro__:
+        if cls in _FOLDABLE:
+            return cls
+    return None

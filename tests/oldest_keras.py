@@ -53,7 +53,10 @@ def main():
     if uv is None:
         install = [python, "-m", "pip", "install", "--quiet"]
     else:
-        install = [uv, "pip", "install", "--quiet", "--python", python]
+        # Compiled to bytecode as pip does: Python cannot write it where
+        # PYTHONDONTWRITEBYTECODE is set, and would compile at every import.
+        install = [uv, "pip", "install", "--quiet", "--compile-bytecode"]
+        install += ["--python", python]
     subprocess.check_call(
         install
         + [

@@ -613,6 +613,23 @@ def test_fold_functional(bn_cls, tmp_path):
             lambda: keras.layers.DepthwiseConv2D(2, depth_multiplier=3),
             (4, 5, 5, 2),
         ),
+        (
+            lambda: keras.layers.DepthwiseConv1D(2, depth_multiplier=2),
+            (4, 6, 3),
+        ),
+        (lambda: keras.layers.SeparableConv2D(4, 2), (4, 5, 5, 3)),
+        (
+            lambda: keras.layers.SeparableConv1D(
+                4, 2, depth_multiplier=2, use_bias=False
+            ),
+            (4, 6, 3),
+        ),
+        (lambda: keras.layers.Conv2DTranspose(4, 2), (4, 3, 3, 3)),
+        (
+            lambda: keras.layers.Conv1DTranspose(4, 3, use_bias=False),
+            (4, 5, 2),
+        ),
+        (lambda: keras.layers.Conv3DTranspose(4, 2), (4, 2, 3, 3, 2)),
     ],
     ids=[
         "dense",
@@ -621,6 +638,12 @@ def test_fold_functional(bn_cls, tmp_path):
         "conv3d",
         "conv3d_channels_first",
         "depthwise",
+        "depthwise1d",
+        "separable",
+        "separable1d",
+        "transposed",
+        "transposed1d",
+        "transposed3d",
     ],
 )
 def test_fold_sequential(producer, shape, tmp_path):
@@ -661,6 +684,40 @@ def test_fold_sequential(producer, shape, tmp_path):
     )
 
 
+def test_tools_on_operations_that_are_not_layers(tmp_path):
+    """A functional graph holds operations that are not layers (`h + 3`,
+    `keras.ops.mean`, as in MobileNetV3): every tool copies them."""
+    x = _normal((16, 4), loc=1.0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3)(inputs)
+    hidden = keras.layers.BatchNormalization(momentum=0.5)(hidden + 3.0)
+    hidden = keras.layers.Dense(3)(hidden)
+    hidden = keras.layers.BatchNormalization(momentum=0.5)(hidden)
+    outputs = keras.ops.mean(hidden, axis=-1, keepdims=True) * 2.0
+    model = _trained(keras.Model(inputs, outputs), x)
+    expected = to_numpy(model(x))
+
+    converted = keras_bn.convert(model, virtual_batch_size=4)
+    assert len(_batch_norms(converted)) == 2
+    np.testing.assert_allclose(
+        to_numpy(converted(x)), expected, rtol=1e-6, atol=1e-6
+    )
+    _trained(converted, x, epochs=1)
+    reverted = keras_bn.revert(converted)
+    np.testing.assert_allclose(
+        to_numpy(reverted(x)), to_numpy(converted(x)), rtol=1e-6, atol=1e-6
+    )
+    keras_bn.recalibrate(converted, x, batch_size=8)
+    # The first batch norm follows `h + 3`, not a layer: it stays.
+    folded = keras_bn.fold(model)
+    assert [type(layer) for layer in _batch_norms(folded)] == [
+        keras.layers.BatchNormalization
+    ]
+    np.testing.assert_allclose(to_numpy(folded(x)), expected, rtol=1e-5)
+    loaded = _save_as_plain_keras(folded, tmp_path / "folded.keras")
+    np.testing.assert_allclose(to_numpy(loaded(x)), expected, rtol=1e-5)
+
+
 def test_fold_resnet50_removes_every_batch_norm():
     keras.utils.set_random_seed(0)
     model = keras.applications.ResNet50(
@@ -672,6 +729,47 @@ def test_fold_resnet50_removes_every_batch_norm():
     assert _batch_norms(folded) == []
     np.testing.assert_allclose(
         to_numpy(folded(x)), to_numpy(model(x)), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "application,size",
+    [
+        ("MobileNetV3Small", 32),
+        pytest.param("Xception", 71, marks=ONE_BACKEND),
+    ],
+)
+def test_tools_on_applications_with_operations_and_separable(application, size):
+    """MobileNetV3's graph holds operations that are not layers (its hard
+    swish is `x * relu6(x + 3) / 6`); Xception's batch norms follow
+    separable convolutions. Every batch norm folds. (Without the top,
+    whose dropout makes training outputs random.)"""
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, application)(
+        weights=None,
+        include_top=False,
+        pooling="avg",
+        input_shape=(size, size, 3),
+    )
+    x = _normal((2, size, size, 3), scale=50.0)
+    expected = to_numpy(model(x))
+    converted = keras_bn.convert(model)
+    assert len(_batch_norms(converted)) == len(_batch_norms(model))
+    np.testing.assert_allclose(
+        to_numpy(converted(x)), expected, rtol=1e-6, atol=1e-6
+    )
+    folded = keras_bn.fold(converted)
+    assert _batch_norms(model) and _batch_norms(folded) == []
+    np.testing.assert_allclose(
+        to_numpy(folded(x)), expected, rtol=1e-4, atol=1e-5
+    )
+    # Batch statistics of two samples, through some fifty batch norms,
+    # turn float32 rounding into differences of a few 1e-4.
+    np.testing.assert_allclose(
+        to_numpy(converted(x, training=True)),
+        to_numpy(model(x, training=True)),
+        rtol=1e-3,
+        atol=2e-3,
     )
 
 
