@@ -9,7 +9,7 @@ module, and the layer's tests on JAX against the oldest Keras
 first. Each suite's output is printed whole when it ends.
 
     python tests/run_all.py                   # everything CI runs
-    python tests/run_all.py --quick           # the layer's tests, ~5 min
+    python tests/run_all.py --quick           # the layer's tests, ~6 min
     python tests/run_all.py --backends jax    # one backend's unit tests
     python tests/run_all.py -- -k ghost       # extra arguments for pytest
 """
@@ -45,20 +45,20 @@ LAYER_TESTS = (
 # order in which the suites start, longest first, so that the last one to
 # start is a short one. A suite missing here starts last.
 MINUTES = {
-    "integration/test_examples.py": 6.5,
-    "integration/test_benchmarks.py": 8.4,
+    "integration/test_benchmarks.py": 7.8,
     "jax-layer": 7.7,
-    "torch-tools": 7.7,
-    "oldest-keras": 4.1,
-    "jax-tools": 3.2,
-    "torch-layer": 2.6,
-    "tensorflow-tools": 2.1,
-    "integration/test_multiprocess.py": 2.0,
+    "integration/test_examples.py": 6.1,
+    "torch-tools": 4.8,
+    "jax-tools": 3.8,
+    "oldest-keras": 3.4,
+    "torch-layer": 2.4,
     "integration/test_resume.py": 2.0,
-    "integration/test_saving_across_backends.py": 1.8,
-    "integration/test_packaging.py": 1.6,
-    "tensorflow-layer": 1.5,
-    "integration/test_distributed.py": 1.5,
+    "tensorflow-tools": 1.8,
+    "integration/test_saving_across_backends.py": 1.7,
+    "tensorflow-layer": 1.6,
+    "integration/test_multiprocess.py": 1.5,
+    "integration/test_packaging.py": 1.5,
+    "integration/test_distributed.py": 1.2,
     "integration/test_docs.py": 0.1,
     "integration/test_gpu_check.py": 0.1,
 }
