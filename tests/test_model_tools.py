@@ -739,10 +739,13 @@ def test_fold_resnet50_removes_every_batch_norm():
         pytest.param("Xception", 71, marks=ONE_BACKEND),
     ],
 )
-def test_tools_on_applications_with_operations_and_separable(application, size):
+def test_tools_on_applications_with_operations_and_separable(
+    application, size, tmp_path
+):
     """MobileNetV3's graph holds operations that are not layers (its hard
     swish is `x * relu6(x + 3) / 6`); Xception's batch norms follow
-    separable convolutions. Every batch norm folds. (Without the top,
+    separable convolutions. The converted model keeps the weight paths,
+    saves and loads; every batch norm folds. (Without the top,
     whose dropout makes training outputs random.)"""
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, application)(
@@ -755,8 +758,16 @@ def test_tools_on_applications_with_operations_and_separable(application, size):
     expected = to_numpy(model(x))
     converted = keras_bn.convert(model)
     assert len(_batch_norms(converted)) == len(_batch_norms(model))
+    assert [w.path for w in converted.weights] == [
+        w.path for w in model.weights
+    ]
     np.testing.assert_allclose(
         to_numpy(converted(x)), expected, rtol=1e-6, atol=1e-6
+    )
+    path = tmp_path / "converted.keras"
+    converted.save(path)
+    np.testing.assert_array_equal(
+        to_numpy(keras.models.load_model(path)(x)), to_numpy(converted(x))
     )
     folded = keras_bn.fold(converted)
     assert _batch_norms(model) and _batch_norms(folded) == []

@@ -64,6 +64,10 @@ POLICIES = {
     "float64": ("float64", "float64"),
     "mixed_float16": ("float16", "float32"),
     "mixed_bfloat16": ("bfloat16", "float32"),
+    # Full 16-bit policies: gamma and beta in 16 bits too, the statistics
+    # still in float32.
+    "float16": ("float16", "float32"),
+    "bfloat16": ("bfloat16", "float32"),
 }
 
 
@@ -139,7 +143,7 @@ def configurations(draw):
     )
     condition = 1.0 + abs(offset) / scale
     assume(policy == "float64" or condition <= MAX_CONDITION)
-    if policy == "mixed_float16":
+    if POLICIES[policy][0] == "float16":
         assume(abs(offset) + 6.0 * scale < 6e4)
     # Masks of every form the layer reads (see `_mask`).
     mask_kinds = ["none", "random", "per_feature", "keras"]
@@ -395,7 +399,7 @@ def _train_and_check(config, steps=3):
             f"training outputs, step {step}",
             terms=expected["output_terms"],
             floor=FLOOR.get(POLICIES[policy][0], 0.0),
-            finite_only=policy == "mixed_float16",
+            finite_only=POLICIES[policy][0] == "float16",
         )
         moving.update(expected)
         # The mean is in the inputs' units; the variance in their square.
@@ -420,7 +424,7 @@ def _train_and_check(config, steps=3):
         "inference outputs",
         terms=terms,
         floor=FLOOR.get(POLICIES[policy][0], 0.0),
-        finite_only=policy == "mixed_float16",
+        finite_only=POLICIES[policy][0] == "float16",
     )
     return layer
 
@@ -540,7 +544,7 @@ def test_gradients_match_reference(config):
             terms=expected[f"{name}_terms"],
             floor=FLOOR.get(POLICIES[policy][0], 0.0),
             # The input's gradient is in the input's 16-bit dtype.
-            finite_only=name == "x" and policy == "mixed_float16",
+            finite_only=name == "x" and POLICIES[policy][0] == "float16",
         )
 
 
