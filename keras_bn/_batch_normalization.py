@@ -37,7 +37,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
       into consecutive ghost batches of `virtual_batch_size` samples, each
       normalized with its own statistics (Hoffer et al., 2017). A batch that
       is not a multiple ends with a smaller ghost batch, also when the batch
-      dimension is only known at run time. On several devices, each
+      dimension is only known at run time; where a sample has one value
+      per feature, a last ghost batch of one sample (variance 0) joins the
+      one before it. On several devices, each
       device's part of the batch is split so. The moving statistics are
       updated once per step with the ghost batches' means and variances,
       each weighted by its number of (unmasked) elements. Inference ignores
@@ -125,8 +127,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_momentum: Float in `[0, 1]`, the momentum of the renorm moving
             statistics. Defaults to `0.99`.
         virtual_batch_size: Optional positive integer, the number of samples
-            per ghost batch in training. `None` normalizes over the whole
-            batch. Defaults to `None`.
+            per ghost batch in training (at least 2 where a sample has one
+            value per feature). `None` normalizes over the whole batch.
+            Defaults to `None`.
         inference_statistics: `"moving"` to normalize in inference with the
             moving statistics, or `"batch"` to normalize each inference batch
             with its own statistics (the moving statistics are then left
@@ -288,6 +291,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self._reduction_axes = [
             axis for axis in range(ndim) if axis not in self._feature_axes
         ]
+        if self.virtual_batch_size == 1 and all(
+            input_shape[axis] == 1 for axis in self._reduction_axes[1:]
+        ):
+            raise ValueError(
+                "`virtual_batch_size` must be at least 2 where a sample has "
+                "one value per feature: a ghost batch of one value has "
+                "variance 0. Received: virtual_batch_size=1, "
+                f"input_shape={tuple(input_shape)}"
+            )
         self._broadcast_shape = [
             input_shape[axis] if axis in self._feature_axes else 1
             for axis in range(ndim)
@@ -492,16 +504,34 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return self._normalize_with(inputs - mean, variance)
 
     def _train(self, inputs, mask):
+        devices = _distribute.moments_arguments(
+            self.synchronized, self.virtual_batch_size
+        )
+        # A group of one value per feature has variance 0 and would
+        # normalize to `beta`: such a batch is normalized with the moving
+        # statistics, which it leaves as they are. Not across replicas,
+        # which must all reach the same all-reduces.
+        replicas = "group_sum" in devices or "total_sum" in devices
+        single = not replicas and _moments.single_value_groups(
+            inputs,
+            self._reduction_axes,
+            self.virtual_batch_size,
+            devices.get("num_shards", 1),
+        )
+        if single is True:
+            return self._normalize_moving(inputs)
         stats = _moments.moments(
             inputs,
             self._reduction_axes,
             mask,
             virtual_batch_size=self.virtual_batch_size,
             unbiased=self.bessel_correction,
-            **_distribute.moments_arguments(
-                self.synchronized, self.virtual_batch_size
-            ),
+            **devices,
         )
+        count = stats.count
+        if single is not False:
+            # Known when the step runs: no count, no update.
+            count = ops.where(single, ops.zeros_like(count), count)
         # A recomputation of this call for the backward pass (remat)
         # normalizes as the call did, and updates nothing again. The
         # updates need no gradient: nothing of them is kept for the
@@ -510,7 +540,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         batch_statistics = [
             ops.stop_gradient(value)
             for value in (stats.batch_mean, stats.batch_variance)
-        ] + [stats.count]
+        ] + [count]
         if self._recording is not None:
             self._recording.add(*batch_statistics)
             update = False
@@ -528,7 +558,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             corrections = [None] * len(stats.parts)
             if update:
                 self._update_moving_statistics(*batch_statistics)
-        return stats.ungroup(
+        outputs = stats.ungroup(
             [
                 self._normalize(part, correction)
                 for part, correction in zip(
@@ -536,6 +566,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 )
             ]
         )
+        if single is not False:
+            outputs = ops.where(single, self._normalize_moving(inputs), outputs)
+        return outputs
 
     def _renorm_correction(self, part, renorm_mean, renorm_stddev):
         """Batch renormalization's `(r, d)` for a part's statistics, from

@@ -84,19 +84,34 @@ class Groups:
     `(num_shards, rest, ...)` for the last groups; `merge` undoes it, and
     `spread` gives each sample the statistics of its group.
 
+    A last group of one sample, when a sample has one value per feature
+    (`single_values`), joins the group before it: a group of one value has
+    variance 0, and would normalize to `beta` whatever its value.
+
     Args:
         batch: The batch size: a Python int, or a scalar tensor when it is
             only known at run time. A multiple of `num_shards`.
         group_size: Python int.
         num_shards: Python int.
+        single_values: Python bool, whether a sample has one value per
+            feature.
     """
 
-    def __init__(self, batch, group_size, num_shards):
+    def __init__(self, batch, group_size, num_shards, single_values=False):
         self.group_size = group_size
         self.num_shards = num_shards
         shard = batch // num_shards
         self.shard = shard
-        self.full = shard // group_size * group_size
+        full = shard // group_size * group_size
+        if single_values:
+            if ops.is_tensor(shard):
+                alone = ops.cast(
+                    ops.logical_and(shard - full == 1, full > 0), full.dtype
+                )
+                full = full - group_size * alone
+            elif shard - full == 1 and full > 0:
+                full = full - group_size
+        self.full = full
         self.exact = isinstance(shard, int) and shard == self.full
 
     def split(self, values, merged=True):
@@ -242,12 +257,44 @@ def _layout(x, axes, virtual_batch_size, num_shards):
         if keras.backend.backend() == "tensorflow":
             return WholeBatch(x, axes)
         return InputLayout(x, axes)
-    groups = Groups(ops.shape(x)[0], group_size, num_shards)
+    groups = Groups(
+        ops.shape(x)[0], group_size, num_shards, _single_values(x, axes)
+    )
     if groups.exact:
         return EqualGroups(x, axes, groups)
     if len(axes) > 1:
         return SpreadGroups(x, axes, groups)
     return RaggedGroups(x, axes, groups)
+
+
+def _single_values(x, axes):
+    """Whether a sample of `x` has one value per feature: no reduced axis
+    but the batch axis has a size other than 1."""
+    return all(x.shape[axis] == 1 for axis in axes if axis != 0)
+
+
+def single_value_groups(x, axes, virtual_batch_size=None, num_shards=1):
+    """Whether every group of `x` (see `moments`) has one value per feature,
+    which would give it variance 0: `x`'s samples have one value per
+    feature, and each shard holds one sample (a last ghost batch of one
+    joins the one before it, see `Groups`). A Python bool, or a scalar
+    boolean tensor where the batch size is known only at run time.
+
+    `virtual_batch_size` of 1 is refused on such inputs when the layer is
+    built; it can reach here where the layer was built with sizes unknown.
+    """
+    if 0 not in axes or not _single_values(x, axes):
+        return False
+    if virtual_batch_size == 1:
+        return True
+    batch = x.shape[0]
+    if batch is None:
+        return ops.shape(x)[0] // num_shards == 1
+    # A branch, not `bool()`: torch.compile's symbolic sizes then guard on
+    # it, where `bool()` can stay symbolic.
+    if batch // num_shards == 1:
+        return True
+    return False
 
 
 class InputLayout:

@@ -217,15 +217,28 @@ class _Recording:
 
         def recording_call(inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
-            # Keras's layer reads a mask as keras_bn's does (keras_bn also
-            # takes masks of the input's rank, which Keras's refuses).
-            stats = _moments.moments(
-                x,
-                axes or [a for a in range(x.ndim) if a != layer.axis % x.ndim],
-                standardize_mask(mask, inputs),
-                virtual_batch_size,
+            reduced = axes or [
+                axis for axis in range(x.ndim) if axis != layer.axis % x.ndim
+            ]
+            # A batch of one value per feature tells nothing of the
+            # variance: left out, as the training branch leaves it out.
+            single = _moments.single_value_groups(
+                x, reduced, virtual_batch_size
             )
-            self.add(stats.batch_mean, stats.batch_variance, stats.count)
+            if single is not True:
+                # Keras's layer reads a mask as keras_bn's does (keras_bn
+                # also takes masks of the input's rank, which Keras's
+                # refuses).
+                stats = _moments.moments(
+                    x,
+                    reduced,
+                    standardize_mask(mask, inputs),
+                    virtual_batch_size,
+                )
+                count = stats.count
+                if single is not False:
+                    count = ops.where(single, ops.zeros_like(count), count)
+                self.add(stats.batch_mean, stats.batch_variance, count)
             return call(inputs, training=training, mask=mask)
 
         return recording_call

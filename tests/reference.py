@@ -37,6 +37,41 @@ def _layout(x, axis, mask):
     return x, features, reduce, mask
 
 
+def one_value_per_feature(shape, axis):
+    """Whether a sample of `shape` has one value per feature (every reduced
+    axis but the batch axis of size 1), the batch axis being reduced."""
+    features = _feature_axes(axis, len(shape))
+    return 0 not in features and all(
+        shape[a] == 1 for a in range(1, len(shape)) if a not in features
+    )
+
+
+def single_value_batch(shape, axis, virtual_batch_size=None):
+    """Whether a training batch of `shape` has one value per feature in
+    each of its groups: one sample of one value per feature. The layer then
+    normalizes with the moving statistics and leaves them as they are."""
+    return one_value_per_feature(shape, axis) and (
+        shape[0] == 1 or virtual_batch_size == 1
+    )
+
+
+def _groups(shape, axis, virtual_batch_size):
+    """The rows of each group of a batch: ghost batches of
+    `virtual_batch_size` consecutive samples, a last one of one sample of
+    one value per feature joined to the one before it."""
+    batch = shape[0]
+    size = virtual_batch_size or batch
+    starts = list(range(0, batch, size))
+    if (
+        len(starts) > 1
+        and batch - starts[-1] == 1
+        and one_value_per_feature(shape, axis)
+    ):
+        starts.pop()
+    ends = starts[1:] + [batch]
+    return [slice(start, end) for start, end in zip(starts, ends, strict=True)]
+
+
 def _group_moments(x, mask, reduce):
     """Two-pass mean and variance of x over `reduce`, counting only the
     positions where mask (of x's shape) is True."""
@@ -82,7 +117,8 @@ def batch_norm(
         axis: Feature axis or axes.
         mask: Boolean array that broadcasts to x: of x's rank, or of one
             axis less (then read with a last axis of size 1, as in Keras).
-        virtual_batch_size: Ghost batch size; None for the whole batch.
+        virtual_batch_size: Ghost batch size; None for the whole batch. A
+            last ghost batch of one value per feature joins the one before.
         gamma, beta: Parameters of the feature axes' shape.
         epsilon: Variance epsilon.
         renorm: Optional dict with `mean`, `stddev` (the renorm moving
@@ -102,9 +138,6 @@ def batch_norm(
     x, features, reduce, mask = _layout(x, axis, mask)
     gamma = _param(gamma, x, features, 1.0)
     beta = _param(beta, x, features, 0.0)
-    batch = x.shape[0]
-    size = virtual_batch_size or batch
-
     outputs = np.empty_like(x)
     terms = np.empty_like(x)
     corrections = []
@@ -112,8 +145,7 @@ def batch_norm(
     total_variance = 0.0
     total_unbiased = 0.0
     total_count = 0.0
-    for start in range(0, batch, size):
-        rows = slice(start, min(start + size, batch))
+    for rows in _groups(x.shape, axis, virtual_batch_size):
         mean, variance, count, centered = _group_deviations(
             x[rows], mask[rows], reduce
         )
@@ -206,8 +238,6 @@ def batch_norm_gradients(
     x, features, reduce, mask = _layout(x, axis, mask)
     upstream = np.asarray(upstream, np.float64)
     gamma = _param(gamma, x, features, 1.0)
-    batch = x.shape[0]
-    size = virtual_batch_size or batch
 
     def total(values):
         return values.sum(axis=reduce, keepdims=True)
@@ -215,8 +245,8 @@ def batch_norm_gradients(
     gradients = {"x": np.empty_like(x), "x_terms": np.empty_like(x)}
     for name in ("gamma", "gamma_terms", "beta", "beta_terms"):
         gradients[name] = 0.0
-    for group, start in enumerate(range(0, batch, size)):
-        rows = slice(start, min(start + size, batch))
+    groups = _groups(x.shape, axis, virtual_batch_size)
+    for group, rows in enumerate(groups):
         mean, variance, count, centered = _group_deviations(
             x[rows], mask[rows], reduce
         )
@@ -247,6 +277,44 @@ def batch_norm_gradients(
     for name in ("gamma", "gamma_terms", "beta", "beta_terms"):
         gradients[name] = gradients[name].reshape(param_shape)
     return gradients
+
+
+def segments_step(x, upstream, mask, segments, gamma, beta, momentum):
+    """One training step of a layer whose statistics are those of each of
+    `segments` (slices of the batch: replicas, or groups of them), from
+    moving statistics 0 and 1, axis -1: the outputs, the gradients of
+    `sum(outputs * upstream)` with respect to `x`, `gamma` and `beta`, and
+    the moving statistics, which average the segments' statistics weighted
+    by their counts."""
+    expected = {
+        "outputs": np.zeros(x.shape),
+        "x": np.zeros(x.shape),
+        "gamma": 0.0,
+        "beta": 0.0,
+    }
+    counts, means, variances = [], [], []
+    for rows in segments:
+        statistics = batch_norm(
+            x[rows], mask=mask[rows], gamma=gamma, beta=beta
+        )
+        gradients = batch_norm_gradients(
+            x[rows], upstream[rows], mask=mask[rows], gamma=gamma
+        )
+        expected["outputs"][rows] = statistics["outputs"]
+        expected["x"][rows] = gradients["x"]
+        expected["gamma"] = expected["gamma"] + gradients["gamma"]
+        expected["beta"] = expected["beta"] + gradients["beta"]
+        counts.append(statistics["count"])
+        means.append(statistics["mean"])
+        variances.append(statistics["variance"])
+    total = np.sum(counts, axis=0)
+    for name, values, initial in (
+        ("moving_mean", means, 0.0),
+        ("moving_variance", variances, 1.0),
+    ):
+        batch = np.sum(np.multiply(counts, values), axis=0) / total
+        expected[name] = moving_average(initial, batch, momentum)
+    return expected
 
 
 def inference(x, mean, variance, axis=-1, gamma=None, beta=None, epsilon=1e-3):

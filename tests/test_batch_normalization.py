@@ -811,6 +811,134 @@ def test_fit_with_ragged_last_batch(jit_compile):
     )
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(9, 3), (9, 1, 1, 3)], ids=str)
+def test_a_last_ghost_batch_of_one_value_joins_the_one_before(compiled, shape):
+    """A ghost batch of one value per feature has variance 0: the last
+    ghost batch of 9 samples in batches of 4, one sample, joins the one
+    before it (samples 4 to 8), with a batch size known only at run time
+    too."""
+    x = _normal(shape, loc=3.0, scale=2.0)
+    layer = keras_bn.BatchNormalization(virtual_batch_size=4, momentum=0.0)
+    layer.build((None,) + shape[1:])
+
+    def step(x):
+        outputs, updated = layer.stateless_call(
+            layer.trainable_variables,
+            layer.non_trainable_variables,
+            x,
+            training=True,
+        )
+        return outputs, updated[1]
+
+    if compiled:
+        step = compile_with_dynamic_batch(step, x)
+    outputs, moving_variance = step(x)
+    parts = [reference.batch_norm(x[:4]), reference.batch_norm(x[4:])]
+    expected = np.concatenate([part["outputs"] for part in parts])
+    np.testing.assert_allclose(
+        to_numpy(outputs), expected, rtol=RTOL, atol=ATOL
+    )
+    variance = (4 * parts[0]["variance"] + 5 * parts[1]["variance"]) / 9
+    np.testing.assert_allclose(
+        to_numpy(moving_variance).reshape(-1), variance, rtol=RTOL
+    )
+    assert not np.allclose(
+        to_numpy(outputs)[8], np.zeros(shape[1:]), atol=1e-3
+    ), "the last sample was normalized on its own"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("virtual_batch_size", [None, 4], ids=str)
+def test_a_batch_of_one_value_keeps_the_moving_statistics(
+    compiled, virtual_batch_size
+):
+    """A training batch of one sample with one value per feature tells
+    nothing of the variance: it is normalized with the moving statistics,
+    which it leaves as they are; a batch of two is trained on."""
+    x = _normal((2, 3), loc=3.0, scale=2.0)
+    layer = keras_bn.BatchNormalization(
+        virtual_batch_size=virtual_batch_size, momentum=0.5
+    )
+    layer.build((None, 3))
+    for weight, seed in zip(layer.weights, range(4), strict=True):
+        weight.assign(_normal((3,), seed=seed, loc=1.0, scale=0.2))
+
+    def step(x):
+        outputs, updated = layer.stateless_call(
+            layer.trainable_variables,
+            layer.non_trainable_variables,
+            x,
+            training=True,
+        )
+        return outputs, updated
+
+    if compiled:
+        step = compile_with_dynamic_batch(step, x)
+    gamma, beta, mean, variance = (to_numpy(w) for w in layer.weights)
+    outputs, updated = step(x[:1])
+    np.testing.assert_allclose(
+        to_numpy(outputs),
+        reference.inference(x[:1], mean, variance, gamma=gamma, beta=beta),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    for value, old in zip(updated[:2], (mean, variance), strict=True):
+        np.testing.assert_array_equal(to_numpy(value), old)
+    outputs, updated = step(x)
+    expected = reference.batch_norm(x, gamma=gamma, beta=beta)
+    np.testing.assert_allclose(
+        to_numpy(outputs), expected["outputs"], rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        to_numpy(updated[0]),
+        reference.moving_average(mean, expected["mean"], 0.5),
+        rtol=RTOL,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools")
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["eager", "jit"])
+def test_fit_with_a_last_batch_of_one_sample(jit_compile):
+    """`fit` on 9 samples in batches of 4: the last batch, one sample,
+    leaves the moving statistics to the first two."""
+    x = _normal((9, 3), loc=4.0, scale=2.0)
+    layer = keras_bn.BatchNormalization(momentum=0.5)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
+    model.fit(x, x, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    mean, variance = np.zeros(3), np.ones(3)
+    for start in (0, 4):
+        expected = reference.batch_norm(x[start : start + 4])
+        mean = reference.moving_average(mean, expected["mean"], 0.5)
+        variance = reference.moving_average(variance, expected["variance"], 0.5)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), mean, rtol=RTOL)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_variance), variance, rtol=RTOL
+    )
+
+
+def test_ghost_batches_of_one_value_are_refused():
+    """`virtual_batch_size=1` where a sample has one value per feature;
+    on images, a ghost batch of one sample has many."""
+    with pytest.raises(ValueError, match="virtual_batch_size=1, input_shape"):
+        keras_bn.BatchNormalization(virtual_batch_size=1).build((None, 3))
+    layer = keras_bn.BatchNormalization(virtual_batch_size=1)
+    x = _normal((2, 4, 4, 3), loc=1.0)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)),
+        np.concatenate(
+            [
+                reference.batch_norm(x[:1])["outputs"],
+                reference.batch_norm(x[1:])["outputs"],
+            ]
+        ),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Masks.
 

@@ -126,6 +126,236 @@ def test_synchronized_under_mirrored_strategy():
     assert "synchronized statistics match" in result.stdout
 
 
+UNEVEN_REPLICAS = textwrap.dedent(
+    """
+    import os
+
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 3
+    )
+    import numpy as np
+
+    import keras_bn
+    from tests import reference
+
+    # Replicas of 3, 5 and 0 samples (a partial last batch), each of a
+    # scale and mean of its own.
+    ROWS = (3, 5, 0)
+    starts = np.cumsum((0,) + ROWS)
+    rng = np.random.default_rng(0)
+    replica = np.repeat(np.arange(3), ROWS)[:, None, None]
+    x = rng.normal(size=(8, 2, 3)) * (1 + replica) + 2.0 * replica
+    x = x.astype("float32")
+    upstream = rng.normal(size=x.shape).astype("float32")
+    gamma = np.array([1.5, 0.5, 1.0])
+    beta = np.array([0.1, -0.2, 0.3])
+    # The second mask leaves the second replica no unmasked element.
+    masks = {"unmasked": np.ones((8, 2), bool)}
+    masks["masked"] = masks["unmasked"].copy()
+    masks["masked"][3:] = False
+    masks["masked"][1, 0] = False
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1", "CPU:2"])
+
+    def shards(array):
+        def shard(context):
+            index = context.replica_id_in_sync_group
+            return tf.constant(array[starts[index] : starts[index + 1]])
+
+        return strategy.experimental_distribute_values_from_function(shard)
+
+    def joined(values):
+        return np.concatenate(
+            [t.numpy() for t in strategy.experimental_local_results(values)]
+        )
+
+    def step(layer, mask):
+        @tf.function
+        def run(inputs, cotangent, mask):
+            def replica_step(inputs, cotangent, mask):
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    outputs = layer(inputs, training=True, mask=mask)
+                    loss = tf.reduce_sum(outputs * cotangent)
+                gradients = tape.gradient(
+                    loss, [inputs, layer.gamma, layer.beta]
+                )
+                return outputs, gradients
+
+            return strategy.run(replica_step, args=(inputs, cotangent, mask))
+
+        outputs, (dx, dgamma, dbeta) = run(
+            shards(x), shards(upstream), shards(mask)
+        )
+        per_replica = strategy.experimental_local_results
+        return {
+            "outputs": joined(outputs),
+            "x": joined(dx),
+            "gamma": sum(t.numpy() for t in per_replica(dgamma)),
+            "beta": sum(t.numpy() for t in per_replica(dbeta)),
+        }
+
+    for synchronized in (True, False):
+        for name, mask in masks.items():
+            with strategy.scope():
+                layer = keras_bn.BatchNormalization(
+                    synchronized=synchronized, momentum=0.5
+                )
+                layer.build((None, 2, 3))
+                layer.gamma.assign(gamma)
+                layer.beta.assign(beta)
+            computed = step(layer, mask)
+            computed["moving_mean"] = strategy.experimental_local_results(
+                layer.moving_mean
+            )
+            computed["moving_variance"] = (
+                strategy.experimental_local_results(layer.moving_variance)
+            )
+            # Synchronized: one batch of 8; else each replica's own.
+            segments = [slice(0, 8)]
+            if not synchronized:
+                segments = [slice(0, 3), slice(3, 8)]
+            expected = reference.segments_step(
+                x, upstream, mask, segments, gamma, beta, 0.5
+            )
+            for key, value in computed.items():
+                # The moving statistics: every replica's copy.
+                for copy in value if key.startswith("moving") else [value]:
+                    copy = np.asarray(copy)
+                    assert np.all(np.isfinite(copy)), (synchronized, name, key)
+                    np.testing.assert_allclose(
+                        copy,
+                        expected[key],
+                        rtol=1e-5,
+                        atol=1e-5,
+                        err_msg=f"synchronized={synchronized}, {name}, {key}",
+                    )
+    print("uneven replicas match")
+    """
+)
+
+
+def test_uneven_and_empty_replicas_under_mirrored_strategy():
+    """Replicas of 3, 5 and 0 samples (the last, partial batch of an epoch),
+    with and without a mask that leaves a replica no element: synchronized
+    statistics are those of the 8 samples, per-replica ones each replica's,
+    and the moving statistics weigh each replica by its count, with no NaN
+    anywhere, outputs and gradients of `x`, `gamma` and `beta` alike."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.distribute runs on TensorFlow")
+    result = subprocess.run(
+        [sys.executable, "-c", UNEVEN_REPLICAS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "uneven replicas match" in result.stdout
+
+
+EMPTY_SHARD = textwrap.dedent(
+    """
+    import os
+
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax
+    import keras
+    import numpy as np
+
+    import keras_bn
+    from tests import reference
+
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices())
+    )
+    # Four shards of 2 samples, each of a scale and mean of its own; the
+    # masked run leaves the second shard no unmasked element.
+    rng = np.random.default_rng(0)
+    shard = np.repeat(np.arange(4), 2)[:, None, None]
+    x = rng.normal(size=(8, 2, 3)) * (1 + shard) + 2.0 * shard
+    x = x.astype("float32")
+    upstream = rng.normal(size=x.shape).astype("float32")
+    gamma = np.array([1.5, 0.5, 1.0])
+    beta = np.array([0.1, -0.2, 0.3])
+    masks = {"unmasked": np.ones((8, 2), bool)}
+    masks["masked"] = masks["unmasked"].copy()
+    masks["masked"][2:4] = False
+    masks["masked"][0, 1] = False
+    for synchronized in (True, False):
+        for name, mask in masks.items():
+            layer = keras_bn.BatchNormalization(
+                synchronized=synchronized, momentum=0.5
+            )
+            layer.build((None, 2, 3))
+            layer.gamma.assign(gamma)
+            layer.beta.assign(beta)
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+
+            def loss(x, gamma_and_beta):
+                outputs, updated = layer.stateless_call(
+                    gamma_and_beta, non_trainable, x, training=True, mask=mask
+                )
+                return (outputs * upstream).sum(), (outputs, updated)
+
+            step = jax.jit(
+                jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+            )
+            (_, (outputs, updated)), (dx, (dgamma, dbeta)) = step(
+                x, [v.value for v in layer.trainable_variables]
+            )
+            computed = {
+                "outputs": outputs,
+                "x": dx,
+                "gamma": dgamma,
+                "beta": dbeta,
+                "moving_mean": updated[0],
+                "moving_variance": updated[1],
+            }
+            segments = [slice(0, 8)]
+            if not synchronized:
+                segments = [slice(start, start + 2) for start in (0, 2, 4, 6)]
+            expected = reference.segments_step(
+                x, upstream, mask, segments, gamma, beta, 0.5
+            )
+            for key, value in computed.items():
+                value = np.asarray(value)
+                assert np.all(np.isfinite(value)), (synchronized, name, key)
+                np.testing.assert_allclose(
+                    value,
+                    expected[key],
+                    rtol=1e-5,
+                    atol=1e-5,
+                    err_msg=f"synchronized={synchronized}, {name}, {key}",
+                )
+    print("empty shard matches")
+    """
+)
+
+
+def test_a_shard_without_data_under_keras_distribution():
+    """`keras.distribution` on JAX splits the batch into equal shards; a
+    mask that leaves one shard no element gives no NaN, synchronized
+    statistics are those of the unmasked elements of every shard, and
+    per-shard ones leave the moving statistics to the other shards."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("keras.distribution's data parallelism runs on JAX")
+    result = subprocess.run(
+        [sys.executable, "-c", EMPTY_SHARD],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "empty shard matches" in result.stdout
+
+
 # ---------------------------------------------------------------------------
 # torch.distributed: two processes, each with its shard of the global batch.
 
@@ -191,6 +421,9 @@ def test_torch_distributed_matches_one_process(torch_ranks, index):
         "unbiased_variance" if kwargs.get("bessel_correction") else ("variance")
     )
     weight = 0.0
+    mask = torch_processes.global_mask(index, rows)
+    if mask is None:
+        mask = np.ones((sum(rows), 2), bool)
     for step in range(torch_processes.STEPS):
         x, upstream = torch_processes.global_batch(index, step, rows)
         outputs = np.empty(x.shape)
@@ -198,12 +431,17 @@ def test_torch_distributed_matches_one_process(torch_ranks, index):
         counts, means, variances = [], [], []
         for rows_of in segments:
             expected = reference.batch_norm(
-                x[rows_of], virtual_batch_size=virtual, gamma=gamma, beta=beta
+                x[rows_of],
+                mask=mask[rows_of],
+                virtual_batch_size=virtual,
+                gamma=gamma,
+                beta=beta,
             )
             outputs[rows_of] = expected["outputs"]
             gradient[rows_of] = reference.batch_norm_gradients(
                 x[rows_of],
                 upstream[rows_of],
+                mask=mask[rows_of],
                 virtual_batch_size=virtual,
                 gamma=gamma,
             )["x"]

@@ -2,7 +2,8 @@
 parameter space of `keras_bn.BatchNormalization`.
 
 Hypothesis draws a configuration (rank 2 to 5, `axis` as any valid int or a
-list, ghost batches of 1 to batch + 3, batches of 1 to 70, masks with empty
+list, ghost batches of 1 to batch + 3, batches of 1 to 70, groups of one
+sample, masks with empty
 rows and empty ghost batches, `center`/`scale`, momentum, epsilon, renorm
 with and without clipping, float32, float64 and the mixed policies, inputs of
 scale 1e-3 to 1e4 with offsets up to 1e4) and checks it against
@@ -108,6 +109,10 @@ def configurations(draw):
         )
         axis = [draw(st.sampled_from([a, a - rank])) for a in axes]
     assume(len(axes) < rank)
+    if virtual == 1 and reference.one_value_per_feature(shape, axes):
+        # Refused by the layer (tested elsewhere): ghost batches of one
+        # value have variance 0.
+        virtual = 2
     kwargs = {
         "axis": axis,
         "virtual_batch_size": virtual,
@@ -382,11 +387,17 @@ def _train_and_check(config, steps=3):
         expected = _reference_step(
             config, layer, x64, mask, gamma, beta, moving
         )
-        if layer.training_statistics == "moving":
+        single = reference.single_value_batch(
+            config["shape"], config["axes"], layer.virtual_batch_size
+        )
+        if layer.training_statistics == "moving" or single:
             # Training normalizes as inference does.
             expected["outputs"], expected["output_terms"] = _inference(
                 config, layer, x64, moving, gamma, beta
             )
+        if single:
+            # And the moving statistics stay.
+            expected["count"] = np.zeros_like(expected["count"])
         outputs = layer(x, training=True, mask=mask)
         assert (
             keras.backend.standardize_dtype(outputs.dtype)
@@ -469,6 +480,10 @@ def _config(
     _config((45, 1, 2, 2), [3], virtual_batch_size=1, epsilon=1e-5, offset=1)
 )
 @example(_config((49, 3, 3, 4), [1, 2, 3], center=False))
+# Groups of one value per feature: a batch of one sample, and a last ghost
+# batch of one sample, which joins the one before it.
+@example(_config((1, 1, 3), [2], momentum=0.5, offset=3.0))
+@example(_config((9, 3), [1], virtual_batch_size=4, momentum=0.5))
 @given(configurations())
 def test_training_inference_and_saving_match_reference(config):
     """Training and inference match the reference, and the trained layer,
@@ -494,6 +509,14 @@ def test_training_inference_and_saving_match_reference(config):
 def test_gradients_match_reference(config):
     # Frozen statistics have the gradients of inference, tested elsewhere.
     assume(config["kwargs"].get("training_statistics", "batch") == "batch")
+    # A batch of one value per feature too (see `_train_and_check`).
+    assume(
+        not reference.single_value_batch(
+            config["shape"],
+            config["axes"],
+            config["kwargs"]["virtual_batch_size"],
+        )
+    )
     rng = np.random.default_rng(config["seed"])
     policy = config["policy"]
     with _dtype_available(policy):

@@ -41,6 +41,9 @@ CASES = [
         {"synchronized": True, "moving_average": "cumulative"},
         (2, 2, 2, 2),
     ),
+    # The second process has samples, none of them unmasked (`global_mask`).
+    ("synchronized_masked", {"synchronized": True}, (2, 2, 2, 2)),
+    ("local_masked", {"synchronized": False}, (3, 2, 0, 3)),
 ]
 STEPS = 2
 
@@ -57,6 +60,17 @@ def global_batch(case_index, step, rows):
     x = rng.normal(size=(sum(rows), 2, FEATURES)) * (1.0 + process)
     upstream = rng.normal(size=x.shape)
     return (x + 2.0 * process).astype("float32"), upstream.astype("float32")
+
+
+def global_mask(case_index, rows):
+    """The mask of a case's global batch, `None` for all unmasked: a masked
+    case leaves the second process no unmasked element."""
+    if not CASES[case_index][0].endswith("_masked"):
+        return None
+    mask = np.ones((sum(rows), 2), bool)
+    mask[rows[0] : rows[0] + rows[1]] = False
+    mask[0, 1] = False
+    return mask
 
 
 def parameters(case_index):
@@ -134,10 +148,12 @@ def main(rank, out, port):
         layer.beta.assign(beta)
         start = sum(rows[:rank])
         mine = slice(start, start + rows[rank])
+        mask = global_mask(index, rows)
+        mask = None if mask is None else torch.tensor(mask[mine])
         for step in range(STEPS):
             x, upstream = global_batch(index, step, rows)
             inputs = torch.tensor(x[mine], requires_grad=True)
-            outputs = layer(inputs, training=True)
+            outputs = layer(inputs, training=True, mask=mask)
             (outputs * torch.tensor(upstream[mine])).sum().backward()
             key = f"{name}/{step}"
             saved[f"{key}/outputs"] = outputs.detach().numpy()
