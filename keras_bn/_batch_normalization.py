@@ -623,7 +623,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if part is not None:
             offset = _moments.offset_of(part, multiplier, offset)
             if keras.backend.backend() == "jax":
-                return _moments.scale_deviations(part, multiplier) + offset
+                return _moments.scale_deviations(part, multiplier, offset)
         # (x - mean) * multiplier rather than x * multiplier - mean *
         # multiplier: the latter cancels catastrophically on large offsets.
         return _multiply_add(centered, multiplier, offset)

@@ -20,8 +20,10 @@ statistics of its own: nothing is padded and nothing masked.
 Each layout has a class of its own, and `_layout` picks one per call:
 `InputLayout` (the whole batch as it comes), `WholeBatch` (the whole batch
 as one group view, on TensorFlow), `EqualGroups`, `RaggedGroups` (two
-views, outputs joined) and `SpreadGroups` (two views, statistics spread
-back to the input's layout).
+views, outputs joined), `RowGroups` (two views, their statistics stacked
+one row per group and spread to the input's layout inside the gradient, on
+JAX) and `SpreadGroups` (two views, statistics spread back to the input's
+layout).
 """
 
 import collections
@@ -47,7 +49,16 @@ have the input's rank, with size 1 on every axis but the feature axes.
 
 Part = collections.namedtuple(
     "Part",
-    ["mean", "residual", "variance", "inputs", "centered", "feature_shape"],
+    [
+        "mean",
+        "residual",
+        "variance",
+        "inputs",
+        "centered",
+        "feature_shape",
+        "spread",
+    ],
+    defaults=(None,),
 )
 Part.__doc__ = """The statistics of a tensor of groups, in a layout of its own.
 
@@ -71,6 +82,11 @@ for this one on TensorFlow).
 axes.
 `feature_shape` is the shape that a tensor of the feature axes (a weight)
 takes to broadcast with them.
+
+`spread` is `None`, or a `Spread` when the statistics are in a layout of
+their own, one row per group, and `inputs` and `centered` in the input's:
+the multiplier and offset computed from the statistics are spread to the
+input's layout by it (see `RowGroups`).
 """
 
 
@@ -252,6 +268,10 @@ def _layout(x, axes, virtual_batch_size, num_shards):
     group_size = virtual_batch_size or shard
     if group_size is not None and shard is not None:
         group_size = min(group_size, shard)
+        if shard == group_size + 1 and _single_values(x, axes):
+            # A last group of one joins the one before (see `Groups`):
+            # here, the whole shard.
+            group_size = shard
     if group_size is None or (num_shards == 1 and group_size == batch):
         # See `WholeBatch` for why TensorFlow reduces a view of its own.
         if keras.backend.backend() == "tensorflow":
@@ -264,6 +284,10 @@ def _layout(x, axes, virtual_batch_size, num_shards):
         return EqualGroups(x, axes, groups)
     if len(axes) > 1:
         return SpreadGroups(x, axes, groups)
+    if keras.backend.backend() == "jax":
+        # See `RowGroups`; elsewhere, the spread multiplier and offset
+        # would be tensors of the input's size that autodiff keeps.
+        return RowGroups(x, axes, groups)
     return RaggedGroups(x, axes, groups)
 
 
@@ -383,6 +407,108 @@ class RaggedGroups(EqualGroups):
     """Groups whose last one in a shard is smaller: the full groups and the
     last ones are two views, each normalized on its own, and their
     outputs joined into one tensor."""
+
+
+class Spread:
+    """Statistics stacked one row per group, `(groups, 1, features)`, the
+    groups of each shard in turn, spread to the samples of an input of
+    shape `shape` (a view of its rows as `(batch, features)`).
+
+    `__call__` gives each sample its group's row: a broadcast to whole
+    groups, the last one cut to size (a slice, which XLA fuses into what
+    reads it), and `sums` is its transpose, the sums of a tensor of the
+    input's shape over each group. On JAX, `scale_deviations` spreads
+    inside its own gradient, so that the backward pass keeps the rows
+    rather than spread copies.
+    """
+
+    def __init__(self, groups, shape):
+        self.groups = groups
+        self.shape = shape
+        # The full groups and the last one, which can be one sample longer
+        # than the others (see `Groups`).
+        self.per_shard = groups.full // groups.group_size + 1
+        self.longer = groups.shard - groups.full > groups.group_size
+
+    def stack(self, statistics):
+        """The rows of the statistics of `Groups.split`'s views."""
+        shards, per_shard = self.groups.num_shards, self.per_shard
+        rest = tuple(statistics[0].shape[1:])
+        rows = [ops.reshape(value, (shards, -1) + rest) for value in statistics]
+        rows = ops.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
+        return ops.reshape(rows, (shards * per_shard,) + rest)
+
+    def __call__(self, rows):
+        groups = self.groups
+        features = tuple(rows.shape[2:])
+        rows = ops.reshape(
+            rows, (groups.num_shards, self.per_shard, 1) + features
+        )
+        if self.longer:
+            # The last row once more, for the last group's extra sample.
+            rows = ops.concatenate([rows, rows[:, -1:]], axis=1)
+        spread = ops.broadcast_to(
+            rows,
+            (groups.num_shards, ops.shape(rows)[1], groups.group_size)
+            + features,
+        )
+        spread = ops.reshape(spread, (groups.num_shards, -1) + features)
+        return ops.reshape(spread[:, : groups.shard], self.shape)
+
+    def sums(self, values):
+        groups = self.groups
+        rows = ops.reshape(values, (groups.num_shards, groups.shard, -1))
+        full, last = rows[:, : groups.full], rows[:, groups.full :]
+        full = ops.reshape(full, (-1, groups.group_size, ops.shape(full)[-1]))
+        return self.stack(
+            [
+                ops.sum(full, axis=1, keepdims=True),
+                ops.sum(last, axis=1, keepdims=True),
+            ]
+        )
+
+
+class RowGroups(RaggedGroups):
+    """Ragged groups of samples that have one element per feature: the
+    statistics of the two views stacked, one row per group
+    (`Spread.stack`), and the input normalized in its own layout with its
+    group's row spread to each sample (`Spread`).
+
+    Joining two views' outputs would copy the whole output, and keep the
+    full view of the input (a copy: XLA on CPU reduces no slice in place)
+    for the backward pass; spread statistics as large as the input
+    (`SpreadGroups`) would be kept instead.
+    """
+
+    def split(self, values):
+        return self.groups.split(values, merged=False)
+
+    def parts(self, parts):
+        spread = Spread(self.groups, ops.shape(self.x))
+
+        def stack(name):
+            rows = []
+            for part in parts:
+                value = getattr(part, name)
+                rows.append(ops.reshape(value, (ops.shape(value)[0], 1, -1)))
+            return spread.stack(rows)
+
+        mean = stack("mean")
+        features = _product(self.x.shape[1:])
+        return [
+            Part(
+                mean,
+                stack("residual"),
+                stack("variance"),
+                self.x,
+                center(self.x, spread(mean)),
+                (1, 1, features),
+                spread,
+            )
+        ]
+
+    def ungroup(self, outputs):
+        return _only(outputs)
 
 
 class SpreadGroups(RaggedGroups):
@@ -581,9 +707,10 @@ def offset_of(part, multiplier, offset=None):
     return shift_gradient(offset, part.mean, multiplier)
 
 
-def scale_deviations(part, multiplier):
+def scale_deviations(part, multiplier, offset=None):
     """`part.centered * multiplier`, with a backward pass that computes the
-    deviations of `part.inputs` from `part.mean` again.
+    deviations of `part.inputs` from `part.mean` again; plus `offset` when
+    given.
 
     XLA keeps a tensor that the forward pass makes and the backward pass
     reads for as long as between the two: the deviations, which the
@@ -592,11 +719,29 @@ def scale_deviations(part, multiplier):
     the whole backward pass (1.4 times the memory of Keras's layer on
     whole networks, on JAX). Computed again from `inputs` (which the
     network keeps anyway) inside that reduction, they are never stored.
+
+    With statistics spread to the input's layout (`part.spread`), the
+    mean, multiplier and offset are spread inside, and their gradients
+    summed over each group there: the backward pass keeps their rows, not
+    tensors of the input's size.
     """
-    reduced = [axis for axis, size in enumerate(multiplier.shape) if size == 1]
+    spread = part.spread
+    if spread is None:
+        reduced = [
+            axis for axis, size in enumerate(multiplier.shape) if size == 1
+        ]
+
+        def spread(values):
+            return values
+
+        def sums(values):
+            return ops.sum(values, axis=reduced, keepdims=True)
+
+    else:
+        sums = spread.sums
 
     @ops.custom_gradient
-    def product(inputs, mean, multiplier):
+    def affine(inputs, mean, multiplier, offset):
         def gradients(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
@@ -604,17 +749,28 @@ def scale_deviations(part, multiplier):
             # XLA cannot merge with the forward pass's mean (it would then
             # reuse, and keep, the forward pass's deviations) nor compute
             # before the backward pass.
-            total = ops.sum(upstream, axis=reduced, keepdims=True)
-            shift = mean + 0.0 * total
+            total = sums(upstream)
+            shift = spread(mean + 0.0 * total)
             return (
-                upstream * multiplier,
+                upstream * spread(multiplier),
                 ops.zeros_like(mean),
-                ops.sum(upstream * (inputs - shift), reduced, keepdims=True),
+                sums(upstream * (inputs - shift)),
+                total,
             )
 
-        return (inputs - mean) * multiplier, gradients
+        return (inputs - spread(mean)) * spread(multiplier) + spread(
+            offset
+        ), gradients
 
-    return product(part.inputs, ops.stop_gradient(part.mean), multiplier)
+    if offset is None or part.spread is None:
+        product = affine(
+            part.inputs,
+            ops.stop_gradient(part.mean),
+            multiplier,
+            ops.zeros_like(multiplier),
+        )
+        return product if offset is None else product + offset
+    return affine(part.inputs, ops.stop_gradient(part.mean), multiplier, offset)
 
 
 def _at_least_one(counts):

@@ -9,11 +9,14 @@ from tests.backend import to_numpy
 
 def _normalized(stats):
     """The input normalized with its statistics, in the input's layout."""
-    return to_numpy(
-        stats.ungroup(
-            [part.centered / ops.sqrt(part.variance) for part in stats.parts]
-        )
-    )
+
+    def normalized(part):
+        variance = part.variance
+        if part.spread is not None:
+            variance = part.spread(variance)
+        return part.centered / ops.sqrt(variance)
+
+    return to_numpy(stats.ungroup([normalized(part) for part in stats.parts]))
 
 
 @pytest.mark.parametrize(
