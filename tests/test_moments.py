@@ -1,5 +1,9 @@
 import numpy as np
 import pytest
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from keras import ops
 
 from keras_bn import _moments
@@ -7,14 +11,14 @@ from tests import reference
 from tests.backend import to_numpy
 
 
-def _normalized(stats):
+def _normalized(stats, epsilon=0.0):
     """The input normalized with its statistics, in the input's layout."""
 
     def normalized(part):
         variance = part.variance
         if part.spread is not None:
             variance = part.spread(variance)
-        return part.centered / ops.sqrt(variance)
+        return part.centered / ops.sqrt(variance + epsilon)
 
     return to_numpy(stats.ungroup([normalized(part) for part in stats.parts]))
 
@@ -229,4 +233,87 @@ def test_two_pass_variance_survives_a_large_offset():
         to_numpy(stats.batch_variance).reshape(-1),
         x.astype("float64").var(axis=0),
         rtol=1e-3,
+    )
+
+
+@st.composite
+def _sharded_batches(draw):
+    """Shards of a batch (devices) of 1 to 6 samples each, some of them
+    without an unmasked element, with or without ghost batches."""
+    shards = draw(st.integers(1, 4))
+    shard = draw(st.integers(1, 6))
+    time = draw(st.integers(1, 3))
+    features = draw(st.integers(1, 3))
+    virtual = draw(st.none() | st.integers(1, shard + 1))
+    single = time == 1
+    # The layer refuses or bypasses groups of one value (see
+    # `single_value_groups`).
+    assume(not (single and (virtual == 1 or shard == 1)))
+    mask = draw(st.sampled_from(["none", "random", "empty_shards"]))
+    return (
+        shards,
+        shard,
+        time,
+        features,
+        virtual,
+        mask,
+        draw(st.integers(0, 99)),
+    )
+
+
+@settings(deadline=None)
+@given(_sharded_batches())
+def test_sharded_moments_with_empty_shards_match_the_reference(batch):
+    """Per-shard statistics of shards of any size, with shards that hold no
+    unmasked element: each shard's groups are the reference's, the totals
+    weigh every shard by its count, and no statistic is NaN."""
+    shards, shard, time, features, virtual, mask_kind, seed = batch
+    rng = np.random.default_rng(seed)
+    size = shards * shard
+    x = rng.normal(size=(size, time, features)) * rng.uniform(0.5, 3.0)
+    x = x + rng.normal(0.0, 5.0, (shards, 1, 1)).repeat(shard, 0)
+    x = x.astype("float32")
+    mask = np.ones((size, time), bool)
+    if mask_kind == "random":
+        mask = rng.random((size, time)) > 0.3
+    elif mask_kind == "empty_shards":
+        for index in rng.choice(shards, rng.integers(1, shards + 1), False):
+            mask[index * shard : (index + 1) * shard] = False
+    stats = _moments.moments(
+        ops.convert_to_tensor(x),
+        [0, 1],
+        ops.convert_to_tensor(mask[..., None]),
+        virtual_batch_size=virtual,
+        num_shards=shards,
+    )
+    expected = [
+        reference.batch_norm(
+            x[rows], mask=mask[rows], virtual_batch_size=virtual, epsilon=0.1
+        )
+        for rows in (
+            slice(index * shard, (index + 1) * shard) for index in range(shards)
+        )
+    ]
+    counts = np.array([each["count"] for each in expected])
+    total = counts.sum(axis=0)
+    np.testing.assert_allclose(to_numpy(stats.count).reshape(-1), total, rtol=0)
+    for name in ("mean", "variance"):
+        computed = to_numpy(getattr(stats, f"batch_{name}")).reshape(-1)
+        assert np.all(np.isfinite(computed)), name
+        values = np.array([each[name] for each in expected])
+        np.testing.assert_allclose(
+            computed,
+            (values * counts).sum(axis=0) / np.maximum(total, 1),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+    for part in stats.parts:
+        for name in ("mean", "residual", "variance"):
+            assert np.all(np.isfinite(to_numpy(getattr(part, name)))), name
+    # Masked positions included: their statistics are their group's.
+    np.testing.assert_allclose(
+        _normalized(stats, epsilon=0.1),
+        np.concatenate([each["outputs"] for each in expected]),
+        rtol=1e-4,
+        atol=1e-4,
     )
