@@ -286,5 +286,9 @@ def test_recalibrate_benchmark_runs(tmp_path, backend):
     report = json.loads((tmp_path / f"recalibrate_{backend}.json").read_text())
     assert [r["model"] for r in report["results"]] == ["cnn", "masked"]
     for row in report["results"]:
-        for key in ("first_ratio", "median_ratio"):
+        for key in (
+            "first_ratio",
+            "median_ratio",
+            "median_ratio_to_training_forward",
+        ):
             assert math.isfinite(row[key]) and row[key] > 0, key
