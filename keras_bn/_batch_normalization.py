@@ -429,11 +429,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self._momenta[name].assign(value)
         return value
 
+    if keras.backend.backend() == "jax":
+        # On JAX, a momentum that changes during training is state, which
+        # the compiled step is given (see `_momentum`). Elsewhere it is not
+        # a variable of the layer (and this property would stop
+        # torch.compile's tracing).
+
+        @property
+        def variables(self):
+            variables = keras.layers.Layer.variables.fget(self)
+            return variables + _momentum.state(self._momenta)
+
     @property
     def weights(self):
         # The layer has no sublayer and no seed: its variables are its
-        # weights and, on JAX, the momenta (state, not weights: the config
-        # holds their values). `super().weights` would stop
+        # weights and, on JAX, the momenta that change (state, not weights:
+        # the config holds their values). `super().weights` would stop
         # torch.compile's tracing.
         return [
             variable

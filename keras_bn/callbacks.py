@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_bn import _momentum
 from keras_bn._batch_normalization import BatchNormalization
 from keras_bn._batch_normalization import _boolean
 from keras_bn._model_tools import _all_layers
@@ -62,6 +63,12 @@ class MomentumSchedule(keras.callbacks.Callback):
         self.step = 0
         self.layers = []
 
+    def set_model(self, model):
+        super().set_model(model)
+        # Before `fit` compiles its step: on JAX, the momenta it sets are
+        # state of the step from the start (see `_momentum`).
+        self._make_state(_all_layers(model))
+
     def on_train_begin(self, logs=None):
         model = self._synced_model()
         layers = list(_all_layers(model))
@@ -83,6 +90,7 @@ class MomentumSchedule(keras.callbacks.Callback):
         self.layers = [
             layer for layer in layers if isinstance(layer, BatchNormalization)
         ]
+        self._make_state(self.layers)
         if not self.layers:
             raise ValueError(
                 "MomentumSchedule needs a model with "
@@ -122,6 +130,16 @@ class MomentumSchedule(keras.callbacks.Callback):
             layer.momentum = momentum
             if self.renorm and layer.renorm:
                 layer.renorm_momentum = momentum
+
+    def _make_state(self, layers):
+        names = (
+            ("momentum", "renorm_momentum") if self.renorm else ("momentum",)
+        )
+        for layer in layers:
+            if isinstance(layer, BatchNormalization):
+                _momentum.make_state(
+                    {n: m for n, m in layer._momenta.items() if n in names}
+                )
 
     def _synced_model(self):
         """The model, its variables up to date: on JAX, `fit` keeps the

@@ -174,6 +174,81 @@ def test_setting_momentum_takes_effect_in_compiled_fit(jit_compile):
     )
 
 
+@pytest.mark.parametrize("jit_compile", COMPILE, ids=COMPILE_IDS)
+def test_momentum_set_through_a_captured_reference(jit_compile):
+    """A callback that holds the layer itself (not `self.model`) sets
+    `momentum` to 0 at the third of four steps: on TensorFlow and PyTorch
+    the last step's mean becomes the moving mean. On JAX, `fit` holds the
+    state outside the variables then: the setter refuses with a
+    `ValueError` that says what works, and the layer keeps its momentum
+    and the statistics of the steps before. At the start of an epoch the
+    state is in the variables: the new value takes effect on every
+    backend."""
+    x, y = _data(4)
+    layer = keras_bn.BatchNormalization(momentum=0.5)
+    model = _model(layer, jit_compile)
+
+    def freeze(batch, logs):
+        if batch == 2:
+            layer.momentum = 0.0
+
+    callback = keras.callbacks.LambdaCallback(on_train_batch_begin=freeze)
+    means = _batch_means(x)
+    fit = dict(batch_size=BATCH, shuffle=False, verbose=0)
+    if BACKEND == "jax":
+        with pytest.raises(ValueError, match=r"self\.model.*momentum=0\.0"):
+            model.fit(x, y, callbacks=[callback], **fit)
+        assert layer.momentum == 0.5
+        expected = reference.averaged(means[:2], [0.5, 0.5], "ema", 0.0)
+    else:
+        model.fit(x, y, callbacks=[callback], **fit)
+        assert layer.momentum == 0.0
+        expected = means[-1]
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), expected, 1e-5)
+
+    layer.momentum = 0.5
+
+    def set_at_epoch(epoch, logs):
+        layer.momentum = [0.5, 0.0][epoch]
+
+    callback = keras.callbacks.LambdaCallback(on_epoch_begin=set_at_epoch)
+    model.fit(x, y, epochs=2, callbacks=[callback], **fit)
+    np.testing.assert_allclose(to_numpy(layer.moving_mean), means[-1], 1e-5)
+
+
+@pytest.mark.parametrize("renorm", [False, True], ids=["plain", "renorm"])
+def test_variables_are_those_of_keras_layer(renorm):
+    """A layer whose momentum does not change has the variables of Keras's
+    layer (names, shapes, order), on JAX too. A momentum set after
+    training (or a `MomentumSchedule`) adds it as state on JAX, never as a
+    weight."""
+    x, y = _data(2)
+    # Compiled where compiling is quick (torch.compile takes 20 s here).
+    jit_compile = BACKEND != "torch"
+    layer = keras_bn.BatchNormalization(renorm=renorm)
+    model = _model(layer, jit_compile)
+    keras_layer = keras.layers.BatchNormalization(renorm=renorm)
+    keras_model = _model(keras_layer, jit_compile)
+
+    def described(variables):
+        return [(v.name, tuple(v.shape), v.trainable) for v in variables]
+
+    for trained in (model, keras_model):
+        trained.fit(x, y, batch_size=BATCH, verbose=0)
+    assert described(layer.variables) == described(keras_layer.variables)
+    assert described(model.non_trainable_variables) == described(
+        keras_model.non_trainable_variables
+    )
+    layer.momentum = 0.0
+    model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    np.testing.assert_allclose(
+        to_numpy(layer.moving_mean), _batch_means(x)[-1], 1e-5
+    )
+    assert described(layer.weights) == described(keras_layer.weights)
+    extra = len(layer.variables) - len(keras_layer.variables)
+    assert extra == (1 if BACKEND == "jax" else 0)
+
+
 def test_renorm_momentum_schedule():
     x, y = _data(3)
     layer = keras_bn.BatchNormalization(renorm=True, momentum=0.9)

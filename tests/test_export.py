@@ -80,3 +80,27 @@ def test_exported_saved_model_predicts_and_differentiates(name, tmp_path):
     expected = _input_gradient(model, x)
     assert np.abs(expected).max() > 0
     np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_exported_saved_model_has_the_variables_of_keras_layer(tmp_path):
+    """The same network with Keras's layer and with keras-bn's exports the
+    same variables (a default layer has exactly Keras's, on JAX too)."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).normal(size=(20, 8, 8, 3)).astype("float32")
+    shapes = {}
+    for name, layer in (
+        ("keras", keras.layers.BatchNormalization),
+        ("keras_bn", keras_bn.BatchNormalization),
+    ):
+        inputs = keras.Input(x.shape[1:])
+        outputs = layer()(keras.layers.Conv2D(4, 3)(inputs))
+        model = keras.Model(inputs, outputs)
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, np.ones((20, 6, 6, 4)), batch_size=10, verbose=0)
+        path = str(tmp_path / name)
+        model.export(path, format="tf_saved_model", verbose=False)
+        loaded = tf.saved_model.load(path)
+        shapes[name] = sorted(tuple(v.shape) for v in loaded.variables)
+    assert shapes["keras_bn"] == shapes["keras"]
+    assert len(shapes["keras"]) == 6
