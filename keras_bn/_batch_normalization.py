@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import types
 
 import keras
 import numpy as np
@@ -12,8 +13,8 @@ from keras import regularizers
 
 from keras_bn import _distribute
 from keras_bn import _moments
-from keras_bn import _momentum
 from keras_bn import _remat
+from keras_bn import _settings
 
 _INFERENCE_STATISTICS = ("moving", "batch")
 _TRAINING_STATISTICS = ("batch", "moving")
@@ -122,7 +123,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_clipping: Optional dict with keys among `"rmax"`, `"rmin"`,
             `"dmax"`, clipping `r` to `[rmin, rmax]` and `d` to
             `[-dmax, dmax]`, with `rmax >= 1 >= rmin` and `dmax >= 0`.
-            Missing keys do not clip. Only with `renorm=True`. Defaults to
+            Missing keys do not clip. Only with `renorm=True`. Can be set
+            during training (`keras_bn.callbacks.Schedule`). Defaults to
             `None`.
         renorm_momentum: Float in `[0, 1]`, the momentum of the renorm moving
             statistics. Defaults to `0.99`.
@@ -217,7 +219,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # of it is overridden here, and no private one is called.
         keras.layers.Layer.__init__(self, **kwargs)
         self.axis = _standardize_axis(axis)
-        self._momenta = {}
+        self._settings = {}
         self.momentum = momentum
         self.epsilon = float(epsilon)
         if not self.epsilon > 0:
@@ -238,13 +240,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.synchronized = _standardize_synchronized(synchronized)
         self.renorm = _boolean("renorm", renorm)
-        self.renorm_clipping = _standardize_renorm_clipping(renorm_clipping)
-        if self.renorm_clipping is not None and not self.renorm:
-            raise ValueError(
-                "`renorm_clipping` clips batch renormalization's corrections "
-                "and means nothing without `renorm=True`. Received: "
-                f"renorm_clipping={renorm_clipping!r} with renorm=False"
-            )
+        self.renorm_clipping = renorm_clipping
         self.renorm_momentum = renorm_momentum
         self.virtual_batch_size = _standardize_virtual_batch_size(
             virtual_batch_size
@@ -388,12 +384,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 autocast=False,
             )
         # Read by the training step when it runs: a new value takes effect
-        # in a compiled step without compiling it again (see `_momentum`).
-        names = (
-            ("momentum", "renorm_momentum") if self.renorm else ("momentum",)
-        )
-        self._momenta = {
-            name: _momentum.Momentum(self, name, getattr(self, name))
+        # in a compiled step without compiling it again (see `_settings`).
+        names = ("momentum",)
+        if self.renorm:
+            names += ("renorm_momentum", "renorm_clipping")
+        self._settings = {
+            name: _settings.Setting(self, name, getattr(self, name))
             for name in names
         }
         self.input_spec = keras.layers.InputSpec(
@@ -421,35 +417,59 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def renorm_momentum(self, value):
         self._renorm_momentum = self._set_momentum("renorm_momentum", value)
 
+    @property
+    def renorm_clipping(self):
+        """The bounds of renorm's corrections (see `__init__`); a new value
+        takes effect at the next training step, compiled or not."""
+        return self._renorm_clipping
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, value):
+        clipping = _standardize_renorm_clipping(value)
+        if clipping is not None and not self.renorm:
+            raise ValueError(
+                "`renorm_clipping` clips batch renormalization's corrections "
+                "and means nothing without `renorm=True`. Received: "
+                f"renorm_clipping={value!r} with renorm=False"
+            )
+        clipping = self._set_setting("renorm_clipping", clipping)
+        # Read-only: a bound changed in place would not reach the step.
+        self._renorm_clipping = (
+            None if clipping is None else types.MappingProxyType(clipping)
+        )
+
     def _set_momentum(self, name, value):
         """Validates a momentum, and gives it to the training step of a
         built layer."""
-        value = _unit_interval(name, value)
-        if name in self._momenta:
-            self._momenta[name].assign(value)
+        return self._set_setting(name, _unit_interval(name, value))
+
+    def _set_setting(self, name, value):
+        """Gives a valid setting to the training step of a built layer."""
+        if name in self._settings:
+            self._settings[name].assign(value)
         return value
 
     if keras.backend.backend() == "jax":
-        # On JAX, a momentum that changes during training is state, which
-        # the compiled step is given (see `_momentum`). Elsewhere it is not
+        # On JAX, a setting that changes during training is state, which
+        # the compiled step is given (see `_settings`). Elsewhere it is not
         # a variable of the layer (and this property would stop
         # torch.compile's tracing).
 
         @property
         def variables(self):
             variables = keras.layers.Layer.variables.fget(self)
-            return variables + _momentum.state(self._momenta)
+            return variables + _settings.state(self._settings)
 
     @property
     def weights(self):
         # The layer has no sublayer and no seed: its variables are its
-        # weights and, on JAX, the momenta that change (state, not weights:
-        # the config holds their values). `super().weights` would stop
-        # torch.compile's tracing.
+        # weights and, on JAX, the settings that change (state, not
+        # weights: the config holds their values). `super().weights` would
+        # stop torch.compile's tracing.
         return [
             variable
             for variable in self.variables
-            if not any(m.is_variable(variable) for m in self._momenta.values())
+            if not any(s.is_variable(variable) for s in self._settings.values())
         ]
 
     def save_own_variables(self, store):
@@ -594,11 +614,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         stddev = ops.sqrt(part.variance + self.epsilon)
         r = stddev / renorm_stddev
         d = (part.mean - renorm_mean + part.residual) / renorm_stddev
-        clipping = self.renorm_clipping or {}
-        r = _clip(r, clipping.get("rmin"), clipping.get("rmax"))
-        dmax = clipping.get("dmax")
-        if dmax is not None:
-            d = _clip(d, -dmax, dmax)
+        rmin, rmax, dmax = self._settings["renorm_clipping"].read()
+        r = _clip(r, rmin, rmax)
+        d = _clip(d, -dmax, dmax)
         # The corrections are constants for the gradient (the paper's
         # stop_gradient).
         return ops.stop_gradient(r), ops.stop_gradient(d)
@@ -648,7 +666,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def _update_renorm_statistics(self, mean, variance, count):
         keep = _no_data(mean, variance, count)
         stddev = ops.sqrt(variance + self.epsilon)
-        renorm = self._momenta["renorm_momentum"].read()
+        renorm = self._settings["renorm_momentum"].read()
         self._assign_average(self.renorm_mean, mean, renorm, keep)
         self._assign_average(self.renorm_stddev, stddev, renorm, keep)
         weights = self._average_weights(keep)
@@ -667,7 +685,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """The weights of the moving statistics and of the batch's in the
         update of the moving statistics (see `moving_average`); updates the
         total weight of a debiased or cumulative average."""
-        momentum, rate = self._momenta["momentum"].read()
+        momentum, rate = self._settings["momentum"].read()
         if self.moving_average == "ema":
             return momentum, rate
         total = ops.convert_to_tensor(self.moving_weight)
@@ -808,16 +826,24 @@ def _multiply_add(centered, multiplier, offset=None):
 
 
 def _clip(x, low=None, high=None):
-    """Clips `x` to `[low, high]` (Python floats, `None` for no bound) in its
-    own dtype: on the torch backend, `ops.clip`, `ops.maximum` and
-    `ops.minimum` round float64 tensors or bounds to float32."""
-    if low is not None:
-        low = ops.convert_to_tensor(low, x.dtype)
+    """Clips `x` to `[low, high]` (tensors, or Python floats with `None` or
+    an infinity for no bound) in its own dtype: on the torch backend,
+    `ops.clip`, `ops.maximum` and `ops.minimum` round float64 tensors or
+    bounds to float32."""
+    if _is_bound(low):
+        low = ops.cast(low, x.dtype)
         x = ops.where(x < low, low, x)
-    if high is not None:
-        high = ops.convert_to_tensor(high, x.dtype)
+    if _is_bound(high):
+        high = ops.cast(high, x.dtype)
         x = ops.where(x > high, high, x)
     return x
+
+
+def _is_bound(bound):
+    """Whether `bound` may clip: a tensor, or a finite Python float."""
+    if bound is None:
+        return False
+    return not isinstance(bound, (int, float)) or math.isfinite(bound)
 
 
 def _one_of(name, value, choices):

@@ -275,6 +275,116 @@ def test_renorm_momentum_schedule():
         )
 
 
+CLIPPINGS = [
+    {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0},
+    {"rmax": 1.3, "rmin": 0.9, "dmax": 0.2},
+    None,
+    {"rmax": 1.1},
+    {"dmax": 0.05},
+]
+
+
+def _renorm_fit_reference(x, y, clippings, lr, momentum):
+    """gamma and beta after each step of SGD on the mean squared error of
+    renorm batch norm (no other layer), in float64, with the clipping of
+    each step; the renorm statistics start at 0 and 1."""
+    gamma, beta = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    mean, stddev = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    after = []
+    batches = np.split(np.arange(len(x)), len(clippings))
+    for rows, clipping in zip(batches, clippings, strict=True):
+        step = reference.batch_norm(
+            x[rows], renorm={"mean": mean, "stddev": stddev, **(clipping or {})}
+        )
+        upstream = (
+            2.0 * (gamma * step["outputs"] + beta - y[rows]) / y[rows].size
+        )
+        gamma = gamma - lr * (upstream * step["outputs"]).sum(0)
+        beta = beta - lr * upstream.sum(0)
+        mean = momentum * mean + (1 - momentum) * step["mean"]
+        stddev = momentum * stddev + (1 - momentum) * np.sqrt(
+            step["variance"] + 1e-3
+        )
+        after.append((gamma, beta))
+    return after
+
+
+class _RecordGammaBeta(keras.callbacks.Callback):
+    """`gamma` and `beta` of the model's last layer after each step, read
+    through `self.model` (on JAX, that syncs the state into the
+    variables)."""
+
+    def __init__(self):
+        super().__init__()
+        self.after = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        layer = self.model.layers[-1]
+        self.after.append(
+            [to_numpy(w).astype("float64") for w in (layer.gamma, layer.beta)]
+        )
+
+
+def test_renorm_clipping_schedule_is_followed_exactly():
+    """A `Schedule` of `renorm_clipping` (from plain batch norm, `rmax = 1`
+    and `dmax = 0`, to looser bounds and none) is applied at each step of
+    a compiled `fit`: `gamma` and `beta` after each step equal float64
+    NumPy's, and the step is compiled as often as without it."""
+    rng = np.random.default_rng(1)
+    steps = len(CLIPPINGS)
+    # Batches whose statistics move, so that the corrections need clipping.
+    shift = np.repeat(np.linspace(-1.0, 2.0, steps), BATCH)[:, None]
+    x = rng.normal(size=(steps * BATCH, 3)) * (1.0 + shift**2) + 3.0 * shift
+    y = rng.normal(size=(steps * BATCH, 3))
+    x, y = x.astype("float32"), y.astype("float32")
+    jit_compile = BACKEND != "torch"
+    runs = {}
+    for scheduled in (False, True):
+        CountingBatchNormalization.runs = 0
+        layer = CountingBatchNormalization(
+            renorm=True, renorm_momentum=0.5, momentum=0.5
+        )
+        inputs = keras.Input((3,))
+        model = keras.Model(inputs, layer(inputs))
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss="mse",
+            jit_compile=jit_compile,
+        )
+        record = _RecordGammaBeta()
+        clippings = CLIPPINGS if scheduled else [None] * steps
+        callbacks = [record]
+        if scheduled:
+            schedule = keras_bn.callbacks.Schedule(
+                lambda step: {"renorm_clipping": CLIPPINGS[step]}, unit="step"
+            )
+            callbacks.insert(0, schedule)
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
+        runs[scheduled] = CountingBatchNormalization.runs
+        expected = _renorm_fit_reference(
+            x.astype("float64"), y.astype("float64"), clippings, 0.1, 0.5
+        )
+        for step, ((gamma, beta), (want_gamma, want_beta)) in enumerate(
+            zip(record.after, expected, strict=True)
+        ):
+            np.testing.assert_allclose(
+                gamma, want_gamma, 2e-6, 2e-6, err_msg=step
+            )
+            np.testing.assert_allclose(
+                beta, want_beta, 2e-6, 2e-6, err_msg=step
+            )
+    if jit_compile:
+        assert runs[True] == runs[False] < steps
+    assert layer.renorm_clipping == {"dmax": 0.05}
+
+
 def test_momentum_is_state_not_a_weight(tmp_path):
     """Changed momenta are in the config, not in the weights: the layer
     keeps Keras's weights, and a saved model loads with the new value."""
@@ -330,3 +440,59 @@ def test_schedule_refuses_keras_layers():
 def test_invalid_schedule(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_bn.callbacks.MomentumSchedule(**kwargs)
+
+
+def test_setting_renorm_clipping_validates_and_serializes():
+    layer = keras_bn.BatchNormalization(renorm=True)
+    layer.build((None, 3))
+    layer.renorm_clipping = {"rmax": 2.0, "dmax": 1}
+    assert layer.get_config()["renorm_clipping"] == {"rmax": 2.0, "dmax": 1.0}
+    with pytest.raises(ValueError, match=r"renorm_clipping=\{'rmax': 0\.5\}"):
+        layer.renorm_clipping = {"rmax": 0.5}
+    assert layer.renorm_clipping == {"rmax": 2.0, "dmax": 1.0}
+    # A bound changed in place would not reach the compiled step.
+    with pytest.raises(TypeError):
+        layer.renorm_clipping["rmax"] = 3.0
+    plain = keras_bn.BatchNormalization()
+    with pytest.raises(ValueError, match="renorm=False"):
+        plain.renorm_clipping = {"rmax": 2.0}
+    assert plain.renorm_clipping is None
+
+
+@pytest.mark.parametrize(
+    "returned,match",
+    [(0.9, "schedule\\(0\\)=0.9"), ({"rmax": 2.0}, "'rmax': 2.0")],
+    ids=["not_a_dict", "unknown_setting"],
+)
+def test_schedule_refuses_what_it_cannot_set(returned, match):
+    x, y = _data(1)
+    model = _model(keras_bn.BatchNormalization(), jit_compile=False)
+    schedule = keras_bn.callbacks.Schedule(lambda epoch: returned)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, verbose=0, callbacks=[schedule])
+
+
+def test_renorm_clipping_ramp():
+    """The renorm paper's schedule: plain batch norm for 5000 steps, then
+    `rmax` to 3 at step 40000 and `dmax` to 5 at step 25000."""
+    ramp = keras_bn.callbacks.renorm_clipping_ramp()
+    expected = {
+        0: (1.0, 0.0),
+        5000: (1.0, 0.0),
+        22500: (2.0, 4.375),
+        25000: (2.0 + 1.0 / 7.0, 5.0),
+        40000: (3.0, 5.0),
+        10**6: (3.0, 5.0),
+    }
+    for step, (rmax, dmax) in expected.items():
+        clipping = ramp(step)["renorm_clipping"]
+        np.testing.assert_allclose(
+            [clipping["rmax"], clipping["rmin"], clipping["dmax"]],
+            [rmax, 1.0 / rmax, dmax],
+            rtol=1e-12,
+            err_msg=step,
+        )
+    with pytest.raises(ValueError, match="rmax=0.5"):
+        keras_bn.callbacks.renorm_clipping_ramp(rmax=0.5)
+    with pytest.raises(ValueError, match="dmax_step=10"):
+        keras_bn.callbacks.renorm_clipping_ramp(start=100, dmax_step=10)

@@ -1,10 +1,11 @@
-"""Momenta that a compiled training step reads when it runs.
+"""Settings that a compiled training step reads when it runs: `momentum`,
+`renorm_momentum` and `renorm_clipping`.
 
 A Python float in a compiled step is a constant of it: once `fit` has
 compiled the step, setting `layer.momentum` would change nothing on JAX and
 TensorFlow, and make `torch.compile` compile the step again at every new
-value. So a momentum that changes after the layer has trained lives in a
-`Momentum` cell, which the step reads as a tensor, and which a new value
+value. So a setting that changes after the layer has trained lives in a
+`Setting` cell, which the step reads as a tensor, and which a new value
 updates in place:
 
 - **TensorFlow and PyTorch**: a `keras.Variable` of its own from `build`
@@ -13,28 +14,31 @@ updates in place:
   input of the graph.
 - **JAX**: a compiled step reads only the state it is given, so the cell
   has to be state of the layer (one of its `variables`, which the model's
-  state carries). A layer whose momentum never changes does not need one,
-  and has exactly the variables of Keras's layer, its momentum a constant
-  of the step as there. The cell is made when the momentum of a layer
-  that has trained is set (the model's state then changes, and the next
-  step is compiled again with the cell as an input), or up front by
-  `MomentumSchedule` (`make_state`).
+  state carries). A layer whose settings never change does not need one,
+  and has exactly the variables of Keras's layer, its settings constants
+  of the step as there. The cell is made when a setting of a layer that
+  has trained is set (the model's state then changes, and the next step
+  is compiled again with the cell as an input), or up front by
+  `keras_bn.callbacks.Schedule` (`make_state`).
 
   Between two syncs, a JAX `fit` holds the model's state outside its
   variables (and empties them): a value set then would be overwritten by
   the state the loop holds. The setter refuses it with a `ValueError` that
   says what works: setting it through a callback's `self.model`, which
-  syncs the state first, or `MomentumSchedule`.
+  syncs the state first, or `keras_bn.callbacks.Schedule`.
 
 None of them is a weight of the layer (see
 `BatchNormalization.weights`): `weights`, `get_weights`, saved files and
 Keras's own tests see the weights of Keras's layer.
 
-The cell holds `[momentum, 1 - momentum]` in float64 (float32 on JAX
-without 64-bit floats): cast to the statistics' dtype, each is rounded once
-from the float64 value, as Keras's layer rounds the Python floats it
-multiplies by.
+A cell holds floats in float64 (float32 on JAX without 64-bit floats):
+`[momentum, 1 - momentum]`, or `[rmin, rmax, dmax]` with an infinity for a
+missing bound. Cast to the statistics' dtype, each is
+rounded once from the float64 value, as Keras's layer rounds the Python
+floats it computes with.
 """
+
+import math
 
 import keras
 from keras import ops
@@ -45,14 +49,35 @@ def pair(momentum):
     return [momentum, 1.0 - momentum]
 
 
-class Momentum:
-    """The momentum `name` of `layer`, with the value `momentum`, made in
-    the layer's `build`."""
+def bounds(clipping):
+    """`[rmin, rmax, dmax]` of a `renorm_clipping` dict (or None), with an
+    infinity for a missing bound (a missing `rmin` is Keras's 0, as `r` is
+    positive)."""
+    clipping = clipping or {}
+    rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+    return [
+        -math.inf if rmin is None else rmin,
+        math.inf if rmax is None else rmax,
+        math.inf if dmax is None else dmax,
+    ]
 
-    def __init__(self, layer, name, momentum):
+
+ENCODINGS = {
+    "momentum": pair,
+    "renorm_momentum": pair,
+    "renorm_clipping": bounds,
+}
+
+
+class Setting:
+    """The setting `name` of `layer` (a key of `ENCODINGS`), with the value
+    `value`, made in the layer's `build`."""
+
+    def __init__(self, layer, name, value):
         self.layer = layer
         self.name = name
-        self.value = momentum
+        self.value = value
+        self.encode = ENCODINGS[name]
         self.variable = None
         # Whether a training step has read the value as a constant (JAX).
         self.read_as_constant = False
@@ -60,19 +85,20 @@ class Momentum:
             self._make_variable()
 
     def read(self):
-        """The factors `(momentum, 1 - momentum)` of an update: tensors read
-        when the step runs or, on JAX without a cell, Python floats."""
+        """The encoded value (`(momentum, 1 - momentum)`, `(rmin, rmax,
+        dmax)`): tensors read when the step runs or, on JAX without a cell,
+        Python floats."""
         if self.variable is None:
             self.read_as_constant = True
-            return tuple(pair(self.value))
+            return tuple(self.encode(self.value))
         return tuple(ops.unstack(ops.convert_to_tensor(self.variable)))
 
-    def assign(self, momentum):
-        """Gives `momentum` to the next training step, or raises a
+    def assign(self, value):
+        """Gives `value` to the next training step, or raises a
         `ValueError` where it would not see it (JAX, see the module)."""
         if self.variable is None and not self.read_as_constant:
             # No step has the old value in it: the next one reads this.
-            self.value = momentum
+            self.value = value
             return
         if _held_outside(self.layer.moving_mean):
             raise ValueError(
@@ -82,13 +108,13 @@ class Momentum:
                 "through `self.model`, which syncs the state first (for "
                 f"example `self.model.get_layer({self.layer.name!r})."
                 f"{self.name} = value`), in `on_epoch_begin`, or use "
-                "`keras_bn.callbacks.MomentumSchedule`. Received: "
-                f"{self.name}={momentum}"
+                "`keras_bn.callbacks.Schedule`. Received: "
+                f"{self.name}={value!r}"
             )
         if self.variable is None:
             self._make_variable()
-        self.variable.assign(pair(momentum))
-        self.value = momentum
+        self.variable.assign(self.encode(value))
+        self.value = value
 
     def is_variable(self, variable):
         """Whether `variable` is this cell's."""
@@ -98,8 +124,8 @@ class Momentum:
         jax = keras.backend.backend() == "jax"
         with keras.name_scope(self.layer.name):
             self.variable = keras.Variable(
-                initializer=_initializer(self.value),
-                shape=(2,),
+                initializer=_initializer(self.encode(self.value)),
+                shape=(len(self.encode(self.value)),),
                 dtype=_jax_float() if jax else "float64",
                 trainable=False,
                 autocast=False,
@@ -107,18 +133,18 @@ class Momentum:
             )
 
 
-def state(momenta):
-    """The cells among `momenta` (a layer's, by name) that exist: on JAX,
+def state(settings):
+    """The cells among `settings` (a layer's, by name) that exist: on JAX,
     the layer's state beside its weights."""
-    return [m.variable for m in momenta.values() if m.variable is not None]
+    return [s.variable for s in settings.values() if s.variable is not None]
 
 
-def make_state(momenta):
-    """Makes the cells of `momenta` before a training that changes them
+def make_state(settings):
+    """Makes the cells of `settings` before a training that changes them
     (on JAX; elsewhere they exist from `build` on)."""
-    for momentum in momenta.values():
-        if momentum.variable is None:
-            momentum._make_variable()
+    for setting in settings.values():
+        if setting.variable is None:
+            setting._make_variable()
 
 
 def _held_outside(variable):
@@ -136,9 +162,9 @@ def _held_outside(variable):
         return True
 
 
-def _initializer(momentum):
+def _initializer(values):
     def initialize(shape, dtype=None):
-        return ops.convert_to_tensor(pair(momentum), dtype)
+        return ops.convert_to_tensor(values, dtype)
 
     return initialize
 
