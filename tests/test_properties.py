@@ -3,10 +3,11 @@ parameter space of `keras_bn.BatchNormalization`.
 
 Hypothesis draws a configuration (rank 2 to 5, `axis` as any valid int or a
 list, ghost batches of 1 to batch + 3, batches of 1 to 70, groups of one
-sample, masks with empty
-rows and empty ghost batches, `center`/`scale`, momentum, epsilon, renorm
-with and without clipping, float32, float64 and the mixed policies, inputs of
-scale 1e-3 to 1e4 with offsets up to 1e4) and checks it against
+sample, masks with empty rows and empty ghost batches, `center`/`scale`,
+momentum, epsilon, renorm with and without clipping, momenta and clipping
+set after the first step, float32, float64 and the mixed and 16-bit
+policies, inputs of scale 1e-3 to 1e4 with offsets up to 1e4) and checks
+it against
 `tests/reference.py`: training outputs and moving statistics over several
 steps, inference outputs, gradients, and `.keras` round-trips.
 
@@ -82,6 +83,16 @@ def tolerance(policy, condition=1.0, output=True):
     return tol
 
 
+CLIPPINGS = st.fixed_dictionaries(
+    {},
+    optional={
+        "rmin": st.floats(0.1, 1.0),
+        "rmax": st.floats(1.0, 3.0),
+        "dmax": st.floats(0.0, 2.0),
+    },
+)
+
+
 @st.composite
 def configurations(draw):
     """A layer configuration, the inputs' shape, offset and scale, a mask
@@ -126,21 +137,19 @@ def configurations(draw):
         "training_statistics": draw(st.sampled_from(TRAINING_STATISTICS)),
     }
     if draw(st.booleans()):
-        clipping = draw(
-            st.fixed_dictionaries(
-                {},
-                optional={
-                    "rmin": st.floats(0.1, 1.0),
-                    "rmax": st.floats(1.0, 3.0),
-                    "dmax": st.floats(0.0, 2.0),
-                },
-            )
-        )
         kwargs.update(
             renorm=True,
-            renorm_clipping=clipping or None,
+            renorm_clipping=draw(CLIPPINGS) or None,
             renorm_momentum=draw(st.floats(0.0, 1.0)),
         )
+    # Settings set on the layer after its first step, which the next steps
+    # read as a compiled step would (see `_settings`).
+    later = {}
+    if draw(st.booleans()):
+        later["momentum"] = draw(st.floats(0.0, 1.0))
+        if kwargs.get("renorm"):
+            later["renorm_momentum"] = draw(st.floats(0.0, 1.0))
+            later["renorm_clipping"] = draw(CLIPPINGS) or None
     policy = draw(st.sampled_from(list(POLICIES)))
     scale = 10.0 ** draw(st.floats(-3.0, 4.0))
     offset = draw(st.sampled_from([0.0, 1.0, -1.0])) * 10.0 ** draw(
@@ -166,6 +175,7 @@ def configurations(draw):
         "condition": condition,
         "mask": draw(st.sampled_from(mask_kinds)),
         "seed": draw(st.integers(0, 2**32 - 1)),
+        "later": later,
     }
 
 
@@ -426,6 +436,9 @@ def _train_and_check(config, steps=3):
             stats_tol,
             f"moving_variance, step {step}",
         )
+        if step == 0:
+            for name, value in config["later"].items():
+                setattr(layer, name, value)
     x, x64 = _inputs(config, rng)
     expected, terms = _inference(config, layer, x64, moving, gamma, beta)
     _assert_close(
@@ -469,6 +482,7 @@ def _config(
         "condition": 1.0 + abs(offset) / input_scale,
         "mask": mask,
         "seed": 0,
+        "later": {},
     }
 
 
