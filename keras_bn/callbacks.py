@@ -250,8 +250,10 @@ def renorm_clipping_ramp(
         rmax: The final bound of `r`, at least 1 (`rmin` is `1 / rmax`).
         dmax: The final bound of `|d|`, at least 0.
         start: The steps of plain batch norm.
-        rmax_step, dmax_step: The steps at which the bounds reach `rmax` and
-            `dmax`, after `start`.
+        rmax_step: The step at which the bound of `r` reaches `rmax`,
+            after `start`.
+        dmax_step: The step at which the bound of `|d|` reaches `dmax`,
+            after `start`.
 
     Returns:
         A function of the step that returns `{"renorm_clipping": {...}}`.
