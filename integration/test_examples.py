@@ -280,3 +280,90 @@ def test_multi_process(tmp_path, backend):
     assert metrics["seconds_per_step"] > 0.0
     saved = sorted(path.name for path in tmp_path.glob("weights_*.npz"))
     assert saved == ["weights_0.npz", "weights_1.npz"]
+
+
+def test_study_quick(tmp_path):
+    """`study.py --quick` runs every experiment (on JAX, the fastest here):
+    its tables, its plots, and metrics with every run of every setting,
+    every number finite and every accuracy in [0, 1]."""
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.json holds {constant}")
+
+    result = _run(
+        "jax", ["examples/study.py", "--quick", "--output-dir", tmp_path]
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| --- |" in result.stdout, result.stdout[-2000:]
+    for picture in ("batch_size", "learning_rate", "gradients", "depth"):
+        _check_png(tmp_path / f"{picture}.png")
+    metrics = json.loads(
+        (tmp_path / "metrics.json").read_text(), parse_constant=refuse
+    )
+    assert metrics["backend"] == "jax"
+    arguments = metrics["arguments"]
+    seeds = arguments["repeats"]
+    results = metrics["results"]
+    assert sorted(results) == [
+        "batch_size",
+        "depth",
+        "gradients",
+        "learning_rate",
+        "statistics",
+    ]
+
+    def check_runs(runs):
+        assert len(runs) == seeds, runs
+        for run in runs:
+            assert 0.0 <= run["test_accuracy"] <= 1.0, run
+            for key in ("training_mode_accuracy", "gap"):
+                if run.get(key) is not None:
+                    assert -1.0 <= run[key] <= 1.0, run
+            loss = run["final_training_loss"]
+            assert loss is None or loss >= 0.0, run
+
+    batch_sizes = [str(size) for size in arguments["batch_sizes"]]
+    names = list(results["batch_size"])
+    assert len(names) == 9 and "none" in names, names
+    for name in names:
+        assert list(results["batch_size"][name]) == batch_sizes, name
+        for runs in results["batch_size"][name].values():
+            check_runs(runs)
+    # Batch norm has two modes; normalizations without batch statistics one.
+    for name in ("keras_bn", "keras BatchNormalization"):
+        for runs in results["batch_size"][name].values():
+            assert all(run["gap"] is not None for run in runs)
+    for runs in results["batch_size"]["none"].values():
+        assert all(run["gap"] is None for run in runs)
+
+    rates = [str(rate) for rate in arguments["learning_rates"]]
+    sweep = results["learning_rate"]
+    assert sorted(sweep["runs"]) == ["keras_bn", "none"]
+    assert sorted(sweep["largest_rate_that_trains"]) == ["keras_bn", "none"]
+    for by_rate in sweep["runs"].values():
+        assert list(by_rate) == rates
+        for runs in by_rate.values():
+            check_runs(runs)
+            for run in runs:
+                assert run["diverged"] == (run["final_training_loss"] is None)
+
+    layers = arguments["gradient_depth"] + 1
+    assert sorted(results["gradients"]) == ["keras_bn", "none"]
+    for runs in results["gradients"].values():
+        check_runs(runs)
+        for run in runs:
+            for key in ("initial", "trained"):
+                assert len(run[key]) == layers, run
+                assert all(0.0 <= norm < math.inf for norm in run[key])
+
+    depths = [str(depth) for depth in arguments["depths"]]
+    for by_depth in results["depth"].values():
+        assert list(by_depth) == depths
+        for runs in by_depth.values():
+            check_runs(runs)
+
+    # Batch norm learns gamma and beta; its statistics are not trained.
+    for row in results["statistics"]:
+        assert row["trainable"] == "gamma, beta", row
+        assert row["non_trainable"] == "moving_mean, moving_variance", row
+        assert row["median_moving_std_over_data_std"] > 0.0, row
