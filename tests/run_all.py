@@ -55,6 +55,7 @@ MINUTES = {
     "integration/test_resume.py": 2.0,
     "tensorflow-tools": 1.8,
     "integration/test_saving_across_backends.py": 1.7,
+    "integration/test_export_formats.py": 1.5,
     "tensorflow-layer": 1.6,
     "integration/test_multiprocess.py": 1.5,
     "integration/test_packaging.py": 1.5,
