@@ -437,31 +437,42 @@ def print_batch_size_tables(results, args):
         )
 
 
+def errorbars(ax, results, xs, key="test_accuracy", linestyles=("-",), **style):
+    """One line per variant of `results` (variant: x: runs): the mean of
+    `key` over the runs at each x, with its standard deviation as error
+    bars. A variant without `key` (no training-mode gap without batch
+    statistics) is left out, and keeps its color."""
+    for index, (name, by_x) in enumerate(results.items()):
+        stats = [mean_std([run[key] for run in by_x[str(x)]]) for x in xs]
+        if stats[0][0] is None:
+            continue
+        ax.errorbar(
+            xs,
+            [mean for mean, _ in stats],
+            yerr=[std for _, std in stats],
+            label=label(name),
+            color=f"C{index}",
+            linestyle=linestyles[index % len(linestyles)],
+            marker="o",
+            **style,
+        )
+
+
 def plot_batch_size(path, results, args, title):
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     axes = figure.subplots(1, 2)
-    styles = ["-", "--", ":", "-."]
-    for index, (name, by_size) in enumerate(results.items()):
-        for ax, key in zip(axes, ("test_accuracy", "gap"), strict=True):
-            stats = [
-                mean_std([run[key] for run in by_size[str(size)]])
-                for size in args.batch_sizes
-            ]
-            if stats[0][0] is None:
-                continue
-            ax.errorbar(
-                args.batch_sizes,
-                [mean for mean, _ in stats],
-                yerr=[std for _, std in stats],
-                label=label(name),
-                color=f"C{index}",
-                linestyle=styles[index % len(styles)],
-                marker="o",
-                markersize=3,
-                capsize=2,
-            )
+    for ax, key in zip(axes, ("test_accuracy", "gap"), strict=True):
+        errorbars(
+            ax,
+            results,
+            args.batch_sizes,
+            key,
+            linestyles=["-", "--", ":", "-."],
+            markersize=3,
+            capsize=2,
+        )
     for ax, quantity in zip(
         axes,
         ("test accuracy (inference mode)", "training mode − inference mode"),
@@ -558,20 +569,7 @@ def plot_learning_rate(path, results, args, title):
 
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
-    for index, (name, by_rate) in enumerate(results["runs"].items()):
-        stats = [
-            mean_std([run["test_accuracy"] for run in by_rate[str(rate)]])
-            for rate in args.learning_rates
-        ]
-        ax.errorbar(
-            args.learning_rates,
-            [mean for mean, _ in stats],
-            yerr=[std for _, std in stats],
-            label=label(name),
-            color=f"C{index}",
-            marker="o",
-            capsize=3,
-        )
+    errorbars(ax, results["runs"], args.learning_rates, capsize=3)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (SGD, momentum 0.9)")
     ax.set_ylabel("test accuracy")
@@ -845,20 +843,7 @@ def plot_depth(path, results, args, title):
 
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
-    for index, (name, by_depth) in enumerate(results.items()):
-        stats = [
-            mean_std([run["test_accuracy"] for run in by_depth[str(depth)]])
-            for depth in args.depths
-        ]
-        ax.errorbar(
-            args.depths,
-            [mean for mean, _ in stats],
-            yerr=[std for _, std in stats],
-            label=label(name),
-            color=f"C{index}",
-            marker="o",
-            capsize=3,
-        )
+    errorbars(ax, results, args.depths, capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_xticks(args.depths, [str(depth) for depth in args.depths])
     ax.set_xlabel("dense layers")
