@@ -359,7 +359,7 @@ def test_renorm_clipping_schedule_is_followed_exactly():
                 lambda step: {"renorm_clipping": CLIPPINGS[step]}, unit="step"
             )
             callbacks.insert(0, schedule)
-        model.fit(
+        history = model.fit(
             x,
             y,
             batch_size=BATCH,
@@ -383,6 +383,9 @@ def test_renorm_clipping_schedule_is_followed_exactly():
     if jit_compile:
         assert runs[True] == runs[False] < steps
     assert layer.renorm_clipping == {"dmax": 0.05}
+    # The schedule logs the bounds it set last.
+    logged = {k: v for k, v in history.history.items() if k != "loss"}
+    assert logged == {"renorm_dmax": [0.05]}
 
 
 def test_momentum_is_state_not_a_weight(tmp_path):
